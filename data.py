@@ -1,0 +1,366 @@
+"""Data and models for X-Reasoner (arXiv 2505.03981): prompts, dataset rows -> model inputs, loading.
+
+Every stage imports this file; it holds no training logic. Three things live here:
+
+1. The paper's prompt templates (appendix C), word for word.
+2. Row converters for the two training sets, in their published schemas:
+   - SFT: OpenThoughts-114k (`system`, `conversations=[{from: user}, {from: assistant}]`), the assistant
+     value wrapped in <|begin_of_thought|> ... <|end_of_solution|>. We rewrite it to the paper's
+     `<think>...</think><answer>...</answer>` format and mask the loss to the assistant's tokens.
+   - RL: Orz-math-57k (a JSON list of `[{from: human, value}, {from: assistant, ground_truth: {value}}]`),
+     plus MedQA-style multiple-choice rows for the X-Reasoner-Med continuation.
+   Malformed rows are counted and skipped with a message, never dropped silently.
+3. Model loading through `from_pretrained`, including `--model tiny`: a few-layer Qwen2.5-VL built once,
+   offline, with the real transformers classes and the real processor, so every stage runs on a CPU through
+   exactly the code path that loads Qwen/Qwen2.5-VL-7B-Instruct.
+
+    python data.py --model tiny           # build (if needed) and print the tiny checkpoint's path
+    python data.py --sft toy              # convert the toy SFT set and print its statistics
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's prompts (appendix C), verbatim.
+TRAIN_PROMPT = (
+    "You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
+    "before providing the answer.\nWrite your final answer within <answer> </answer> tags. "
+    "Here is the question: {question}"
+)
+EVAL_MC_PROMPT = (
+    "You should provide your thoughts within <think> </think> tags, then answer with just one of the "
+    "options below within <answer> </answer> tags (For example, if the question is \n'Is the earth flat?\n"
+    " A: Yes \nB: No', you should answer with <think>...</think> <answer>B: No </answer>). "
+    "Here is the question: {question}"
+)
+EVAL_MATH_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and you as the assistant solves "
+    "it. You should first think about the reasoning process in the mind and then provide the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively, i.e., <think> reasoning process here </think><answer> the final answer as the "
+    "option letter or the number depending on the question </answer> (For example, if the question is \n"
+    "'Is the earth flat?\n A: Yes \nB: No', you should answer with <think> your reasoning </think> "
+    "<answer>B: No</answer>. If the question is 'What is 1+1?', you should answer with <think> your "
+    "reasoning </think> <answer>2 </answer>).\n\nHere is the question: {question}"
+)
+OPTIONS_SUFFIX = " Options:\n\n{options}"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# Default sources (the paper's). Each also accepts a local .json/.jsonl/.parquet path.
+OPENTHOUGHTS = "open-thoughts/OpenThoughts-114k"
+ORZ_MATH_URL = ("https://github.com/Open-Reasoner-Zero/Open-Reasoner-Zero/raw/refs/heads/main/"
+                "data/orz_math_57k_collected.json")
+BASE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+TOY = {"sft": TOY_DIR / "sft.jsonl", "rl": TOY_DIR / "rl.json", "mathvista": TOY_DIR / "mathvista.json"}
+CACHE = Path(os.environ.get("XREASONER_CACHE", Path.home() / ".cache" / "x-reasoner"))
+IM_END = "<|im_end|>"
+
+
+class DataError(ValueError):
+    """Bad input the user can fix (missing file, unusable dataset); scripts print it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading rows from the hub, a URL or a local file
+
+def read_rows(source, split="train", toy=None):
+    """Rows of a dataset as an iterable of dicts/lists: `toy`, a local file, a URL or a hub id."""
+    if source == "toy":
+        source = str(TOY[toy])
+    path = Path(source)
+    if path.is_file():
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text())
+            return list(rows.values()) if isinstance(rows, dict) else rows  # MathVista: {pid: row}
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix == ".parquet":
+            import datasets
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        raise DataError(f"{source}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
+    if source.startswith(("http://", "https://")):
+        local = CACHE / "downloads" / source.rsplit("/", 1)[-1]
+        if not local.exists():
+            try:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                urllib.request.urlretrieve(source, str(local) + ".part")
+                os.replace(str(local) + ".part", local)  # a half download never looks complete
+            except OSError as e:
+                raise DataError(f"cannot download {source} ({e}); download it yourself and pass the path") from e
+        return read_rows(str(local))
+    if path.suffix in (".json", ".jsonl", ".parquet") or source.startswith((".", "/")):
+        raise DataError(f"{source}: no such file")
+    try:
+        import datasets
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - offline, typo, gated: all end in the same advice
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load {source!r}: not a local file, and the hub load failed ({first})") from e
+
+
+def convert_rows(rows, parse, what):
+    """Apply `parse` to every row; count and report the malformed ones (parse raises ValueError/KeyError...)."""
+    out, bad, first_error = [], 0, None
+    for row in rows:
+        try:
+            out.append(parse(row))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            bad += 1
+            first_error = first_error or f"{type(e).__name__}: {e}"
+    if bad:
+        print(f"{what}: skipped {bad} of {bad + len(out)} malformed rows (first: {first_error})", file=sys.stderr)
+    if not out:
+        raise DataError(f"{what}: no usable rows ({bad} malformed; first: {first_error})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts as chat messages (the Qwen2.5-VL processor's format: text and PIL images as content parts)
+
+def format_options(options):
+    return "\n".join(f"{LETTERS[i]}: {text}" for i, text in enumerate(options))
+
+
+def user_message(text, images=()):
+    return {"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                        {"type": "text", "text": text}]}
+
+
+def eval_prompt(question, options=None, kind="mc"):
+    """Appendix C: the multiple-choice template for option questions, the math template otherwise."""
+    text = (EVAL_MC_PROMPT if kind == "mc" else EVAL_MATH_PROMPT).format(question=question)
+    return text + OPTIONS_SUFFIX.format(options=format_options(options)) if options else text
+
+
+# ----------------------------------------------------------------------------------------------------
+# SFT rows: OpenThoughts-114k -> paper format -> (input_ids, labels)
+
+def parse_openthoughts(row):
+    """(question, assistant text in the paper's format) from one OpenThoughts-114k row."""
+    turns = {t["from"]: t["value"] for t in row["conversations"]}
+    question, reply = turns["user"].strip(), turns["assistant"]
+    if not question:
+        raise ValueError("empty question")
+    markers = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
+    cuts = [reply.find(m) for m in markers]
+    if min(cuts) < 0 or cuts != sorted(cuts):
+        raise ValueError("assistant turn lacks the thought/solution markers")
+    thought = reply[cuts[0] + len(markers[0]):cuts[1]].strip()
+    solution = reply[cuts[2] + len(markers[2]):cuts[3]].strip()
+    if not thought or not solution:
+        raise ValueError("empty thought or solution")
+    return question, f"<think>\n{thought}\n</think>\n<answer>\n{solution}\n</answer>"
+
+
+def sft_example(question, answer, processor, max_len):
+    """Tokenize one conversation with the model's chat template; labels = -100 except the assistant's reply.
+
+    The labeled span is the assistant text plus its closing <|im_end|>, so the model learns to stop.
+    Labels come from character offsets of the full rendering, so tokens are exactly those the model sees.
+    """
+    user = user_message(TRAIN_PROMPT.format(question=question))
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    start, end = len(prompt), len(prompt) + len(answer) + len(IM_END)
+    if not full.startswith(prompt) or full[start:end] != answer + IM_END:
+        raise ValueError("chat template does not render as prompt + answer + <|im_end|>")
+    # Drop what the template puts after <|im_end|> (a newline): no label, so no reason to compute it.
+    enc = processor.tokenizer(full[:end], add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if start <= a and b <= end else -100 for t, (a, b) in zip(ids, enc["offset_mapping"])]
+    truncated = len(ids) > max_len
+    ids, labels = ids[:max_len], labels[:max_len]
+    if all(l == -100 for l in labels):
+        raise ValueError(f"prompt alone is longer than max_len={max_len}")
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def load_sft_data(source, processor, max_len=4096):
+    """OpenThoughts rows -> tokenized examples; prints how many were truncated."""
+    from tqdm import tqdm
+    rows = read_rows(source, toy="sft")
+    examples = convert_rows(tqdm(rows, desc="tokenize", disable=len(rows) < 1000, mininterval=5),
+                            lambda r: sft_example(*parse_openthoughts(r), processor, max_len), "sft data")
+    n_trunc = sum(e["truncated"] for e in examples)
+    print(f"sft data: {len(examples)} examples, {n_trunc} truncated to {max_len} tokens", file=sys.stderr)
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# RL rows: Orz-math-57k (math, verified answer) and MedQA-style rows (multiple choice)
+
+def parse_rl_row(row):
+    """One RL prompt: {"messages": [user], "answer": gold, "options": list|None}."""
+    if isinstance(row, list):  # Orz: [{from: human, value}, {from: assistant, ground_truth: {value}}]
+        question, answer, options = row[0]["value"], row[1]["ground_truth"]["value"], None
+    elif "options" in row:  # MedQA-USMLE: question, options {A: text}, answer_idx
+        options = row["options"]
+        options = [options[k] for k in sorted(options)] if isinstance(options, dict) else list(options)
+        question, answer = row["question"], row.get("answer_idx") or row["answer"]
+    else:
+        question, answer, options = row["question"], row["answer"], None
+    question, answer = str(question).strip(), str(answer).strip()
+    if not question or not answer:
+        raise ValueError("empty question or answer")
+    text = TRAIN_PROMPT.format(question=question)
+    if options:
+        text += OPTIONS_SUFFIX.format(options=format_options(options))
+    return {"messages": [user_message(text)], "answer": answer, "options": options}
+
+
+def load_rl_data(source):
+    return convert_rows(read_rows(source, toy="rl"), parse_rl_row, "rl data")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: from_pretrained for everything; `tiny` is built locally once, then read back the same way
+
+TINY_VERSION = "tiny-v1"
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+# Qwen2's pre-tokenizer split: digits one at a time, so numbers are learnable by a tiny model too.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2.5-VL-7B-Instruct's chat template (image parts become <|vision_start|><|image_pad|><|vision_end|>).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tiny_corpus():
+    """Text the tiny tokenizer is trained on: the templates and the toy data, so prompts stay short."""
+    texts = [TRAIN_PROMPT, EVAL_MC_PROMPT, EVAL_MATH_PROMPT, OPTIONS_SUFFIX, "You are a helpful assistant."]
+    for path in TOY.values():
+        if path.exists():
+            texts.append(path.read_text())
+    texts.append("0123456789 +-*/=()[]{}<>.,:;!?'\"\\^_$%#&|~` abcdefghijklmnopqrstuvwxyz "
+                 "ABCDEFGHIJKLMNOPQRSTUVWXYZ <think> </think> <answer> </answer> \\frac \\sqrt \\boxed")
+    return texts * 4
+
+
+def build_tiny(path):
+    """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_tiny_corpus(), trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=QWEN_SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token="<|endoftext|>",
+                                        model_max_length=4096)
+    tokenizer.padding_side = "left"  # generation pads on the left; training code pads itself
+    special = {t: bpe.token_to_id(t) for t in QWEN_SPECIAL}
+
+    # ~14 image tokens at most: small images, real patch/merge geometry (14-pixel patches, 2x2 merge).
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         bos_token_id=special["<|endoftext|>"], eos_token_id=special[IM_END],
+                         pad_token_id=special["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        bos_token_id=special["<|endoftext|>"], eos_token_id=special[IM_END], pad_token_id=special["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [special[IM_END], special["<|endoftext|>"]]
+    model.generation_config.pad_token_id = special["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def resolve_model(name):
+    """A path or hub id for from_pretrained; `tiny` is built on first use (atomically: ranks may race)."""
+    if name != "tiny":
+        return name
+    # The tokenizer is trained on the toy data and templates: a change to them is a new checkpoint.
+    path = CACHE / f"{TINY_VERSION}-{hashlib.sha1(repr(_tiny_corpus()).encode()).hexdigest()[:8]}"
+    if not (path / "config.json").exists():
+        import tempfile
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=CACHE, prefix=".tiny-")
+        build_tiny(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first; theirs is identical
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def load_processor(name):
+    from transformers import AutoProcessor
+    path = resolve_model(name)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as e:
+        raise DataError(f"cannot load processor {name!r}: {str(e).splitlines()[0]}") from e
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_model(name, dtype=None, device="cpu"):
+    """Qwen2.5-VL from a hub id, a local directory (e.g. an SFT checkpoint) or `tiny`."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    path = resolve_model(name)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    except OSError as e:
+        raise DataError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    return model.to(device)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="build/resolve a model (`tiny`) and print its path")
+    ap.add_argument("--sft", help="convert an SFT source (`toy`, path, hub id) and print statistics")
+    ap.add_argument("--rl", help="convert an RL source (`toy`, path, URL) and print statistics")
+    ap.add_argument("--max-len", type=int, default=4096)
+    args = ap.parse_args()
+    try:
+        if args.model:
+            print(resolve_model(args.model))
+        if args.sft:
+            ex = load_sft_data(args.sft, load_processor(args.model or "tiny"), args.max_len)
+            lengths = sorted(len(e["input_ids"]) for e in ex)
+            print(f"{len(ex)} examples; tokens min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
+        if args.rl:
+            rows = load_rl_data(args.rl)
+            print(f"{len(rows)} prompts; first: {rows[0]['messages'][0]['content'][-1]['text'][-80:]!r} "
+                  f"-> {rows[0]['answer']!r}")
+    except DataError as e:
+        sys.exit(f"error: {e}")

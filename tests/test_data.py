@@ -1,0 +1,181 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+# The paper's appendix C prompts, typed from the paper (independently of data.py).
+PAPER_TRAIN = ("You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
+               "before providing the answer.\nWrite your final answer within <answer> </answer> tags. Here is the "
+               "question: {question}")
+PAPER_MC = ("You should provide your thoughts within <think> </think> tags, then answer with just one of the options "
+            "below within <answer> </answer> tags (For example, if the question is \n'Is the earth flat?\n A: Yes "
+            "\nB: No', you should answer with <think>...</think> <answer>B: No </answer>). Here is the question: "
+            "{question}")
+PAPER_MATH = ("A conversation between User and Assistant. The user asks a question, and you as the assistant solves "
+              "it. You should first think about the reasoning process in the mind and then provide the user with the "
+              "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+              "tags, respectively, i.e., <think> reasoning process here </think><answer> the final answer as the "
+              "option letter or the number depending on the question </answer> (For example, if the question is \n"
+              "'Is the earth flat?\n A: Yes \nB: No', you should answer with <think> your reasoning </think> "
+              "<answer>B: No</answer>. If the question is 'What is 1+1?', you should answer with <think> your "
+              "reasoning </think> <answer>2 </answer>).\n\nHere is the question: {question}")
+
+
+def openthoughts_row(question="What is 2 + 3?", thought="2 and 3 make 5.", solution="The answer is $5$."):
+    value = (f"<|begin_of_thought|>\n\n{thought}\n\n<|end_of_thought|>\n\n"
+             f"<|begin_of_solution|>\n\n{solution}\n\n<|end_of_solution|>")
+    return {"system": "sys", "conversations": [{"from": "user", "value": question},
+                                               {"from": "assistant", "value": value}]}
+
+
+def test_templates_are_the_papers_word_for_word():
+    assert data.TRAIN_PROMPT == PAPER_TRAIN
+    assert data.EVAL_MC_PROMPT == PAPER_MC
+    assert data.EVAL_MATH_PROMPT == PAPER_MATH
+    assert data.eval_prompt("Q?", ["yes", "no"], kind="mc") == PAPER_MC.format(question="Q?") + \
+        " Options:\n\nA: yes\nB: no"
+    assert data.eval_prompt("1+1?", kind="math") == PAPER_MATH.format(question="1+1?")
+
+
+def test_openthoughts_row_becomes_paper_format():
+    question, answer = data.parse_openthoughts(openthoughts_row())
+    assert question == "What is 2 + 3?"
+    assert answer == "<think>\n2 and 3 make 5.\n</think>\n<answer>\nThe answer is $5$.\n</answer>"
+
+
+def test_sft_labels_cover_exactly_the_assistant_reply(processor):
+    question, answer = data.parse_openthoughts(openthoughts_row(thought="Think {braces} and ünïcode\n\nlines."))
+    ex = data.sft_example(question, answer, processor, max_len=4096)
+    ids, labels = ex["input_ids"], ex["labels"]
+    first = next(i for i, l in enumerate(labels) if l != -100)
+    assert all(l != -100 for l in labels[first:])  # one contiguous span up to the end...
+    assert labels[first:] == ids[first:]
+    # ...which decodes to the reply plus the <|im_end|> that teaches the model to stop,
+    assert processor.tokenizer.decode(ids[first:]) == answer + "<|im_end|>"
+    # and the unlabeled prefix is the chat template's rendering of the paper's training prompt.
+    prompt = processor.apply_chat_template([data.user_message(PAPER_TRAIN.format(question=question))],
+                                           add_generation_prompt=True, tokenize=False)
+    assert processor.tokenizer.decode(ids[:first]) == prompt
+    assert not ex["truncated"]
+
+
+def test_sft_truncation_is_counted(processor, capsys):
+    rows = [openthoughts_row(thought="long " * 200), openthoughts_row()]
+    short = len(data.sft_example(*data.parse_openthoughts(rows[1]), processor, 4096)["input_ids"])
+    examples = data.convert_rows(rows, lambda r: data.sft_example(*data.parse_openthoughts(r), processor, short),
+                                 "sft")
+    assert [e["truncated"] for e in examples] == [True, False]
+    assert len(examples[0]["input_ids"]) == short
+    with pytest.raises(ValueError, match="longer than max_len"):
+        data.sft_example(*data.parse_openthoughts(rows[1]), processor, 10)
+
+
+def test_malformed_sft_rows_are_counted_and_reported(processor, tmp_path, capsys):
+    good = openthoughts_row()
+    no_markers = {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "just text"}]}
+    empty_question = openthoughts_row(question="   ")
+    empty_solution = openthoughts_row(solution="")
+    no_conversations = {"system": "s"}
+    path = tmp_path / "ot.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in
+                              [good, no_markers, empty_question, empty_solution, no_conversations, good]))
+    examples = data.load_sft_data(str(path), processor)
+    assert len(examples) == 2
+    assert "skipped 4 of 6 malformed rows" in capsys.readouterr().err
+    path.write_text(json.dumps(no_markers) + "\n")
+    with pytest.raises(data.DataError, match="no usable rows"):
+        data.load_sft_data(str(path), processor)
+
+
+def test_orz_rows():
+    rows = [[{"from": "human", "value": "Compute $1+1$."},
+             {"from": "assistant", "ground_truth": {"value": "2"}}]]
+    (row,) = data.convert_rows(rows, data.parse_rl_row, "rl")
+    assert row["answer"] == "2" and row["options"] is None
+    assert row["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": PAPER_TRAIN.format(question="Compute $1+1$.")}]}]
+
+
+def test_medqa_rows_carry_options():
+    medqa = {"question": "Which drug?", "answer": "Aspirin", "answer_idx": "B",
+             "options": {"A": "Heparin", "B": "Aspirin", "C": "Insulin", "D": "Saline"}, "meta_info": "step1"}
+    row = data.parse_rl_row(medqa)
+    assert row["answer"] == "B" and row["options"] == ["Heparin", "Aspirin", "Insulin", "Saline"]
+    assert row["messages"][0]["content"][0]["text"].endswith(" Options:\n\nA: Heparin\nB: Aspirin\nC: Insulin\nD: Saline")
+
+
+def test_bad_rl_rows_counted(capsys):
+    rows = [[{"from": "human", "value": "q"}, {"from": "assistant", "ground_truth": {"value": ""}}],
+            [{"from": "human", "value": "q"}],
+            [{"from": "human", "value": "What?"}, {"from": "assistant", "ground_truth": {"value": "4"}}]]
+    assert len(data.convert_rows(rows, data.parse_rl_row, "rl")) == 1
+    assert "skipped 2 of 3" in capsys.readouterr().err
+
+
+def test_toy_sets_parse_without_loss(processor, capsys):
+    assert len(data.load_rl_data("toy")) == 100
+    assert len(data.load_sft_data("toy", processor)) == 100
+    assert "malformed" not in capsys.readouterr().err
+
+
+def test_read_rows_formats_and_errors(tmp_path):
+    rows = [{"a": 1}, {"a": 2}]
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "x.json").write_text(json.dumps({"p1": rows[0], "p2": rows[1]}))
+    import datasets
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "x.parquet"))
+    for suffix in ("jsonl", "json", "parquet"):
+        assert [r["a"] for r in data.read_rows(str(tmp_path / f"x.{suffix}"))] == [1, 2]
+    with pytest.raises(data.DataError, match="no such file"):
+        data.read_rows(str(tmp_path / "missing.json"))
+    with pytest.raises(data.DataError, match="hub load failed") as e:
+        data.read_rows("no-such-org/no-such-dataset")
+    assert "\n" not in str(e.value)
+
+
+def test_importing_data_is_light():
+    code = "import sys, data; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=data.TOY_DIR.parent)
+    assert out.stdout.strip() == "[]"
+
+
+def test_tiny_checkpoint_is_a_real_qwen25_vl(tiny_path, processor, model):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and isinstance(processor, Qwen2_5_VLProcessor)
+    tok = processor.tokenizer
+    for special in data.QWEN_SPECIAL:
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id
+        assert tok.encode(special, add_special_tokens=False) == [tok.convert_tokens_to_ids(special)]
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert tok.decode(tok.encode("Ünïcode ∑ \\frac{1}{2}")) == "Ünïcode ∑ \\frac{1}{2}"  # byte-level: any text
+
+
+def test_tiny_round_trip_gives_identical_logits(model, processor, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    image = Image.new("RGB", (90, 60), (200, 30, 30))
+    messages = [data.user_message(data.eval_prompt("What colour?", ["red", "blue"]), [image])]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    assert inputs["pixel_values"].ndim == 2 and inputs["image_grid_thw"].tolist() == [[1, 4, 6]]
+    n_image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    assert n_image_tokens == 4 * 6 // 4  # 2x2 patches merged into one token
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, logits)
+    assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.text_config.vocab_size
+
+
+def test_tiny_build_is_deterministic(tiny_path, tmp_path):
+    from safetensors.torch import load_file
+    data.build_tiny(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_text() == (data.Path(tiny_path) / "tokenizer.json").read_text()
+    a, b = load_file(tmp_path / "model.safetensors"), load_file(data.Path(tiny_path) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
