@@ -1,0 +1,264 @@
+"""Batched sampling with a KV cache and the paper's forced exit, for text and images (Qwen2.5-VL).
+
+GRPO's rollouts and every evaluation run through `generate()` below: our own decode loop over the model's
+`forward`, written out so that each step of sampling is visible.
+
+    1. encode    each chat through the processor (text + images -> input_ids, pixel_values, image_grid_thw)
+    2. batch     sort by length, cut into chunks of `batch_size`, left-pad each chunk
+    3. prefill   one forward over the prompts with the multimodal rotary positions (M-RoPE) computed by us
+    4. decode    one token per step from the KV cache; greedy at temperature 0, else temperature + top-p,
+                 each row with its own seeded generator (same samples whatever the batch around it)
+    5. stop      a row ends at <|im_end|>/EOS or its budget, and leaves the batch and the cache at once
+    6. forced exit (§2.1): a row that has thought for `think_budget` tokens without closing </think> gets
+                 "</think>" appended and may answer for `answer_budget` more tokens
+
+    python generate.py --model tiny --prompt "What is 2 + 3?" [--image cat.png] [--temperature 0.7]
+    python generate.py --model PATH --input prompts.jsonl --output out.jsonl --think-budget 3584
+
+Deliberate simplifications: a dynamic (growing) KV cache and no CUDA graphs; sharding across ranks is the
+caller's business (`shard()` below), so this function always takes a plain, unsharded model.
+"""
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+THINK_END = "</think>"
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list
+    finish_reason: str  # "stop" | "forced_exit" | "length"
+    num_tokens: int
+
+
+def encode(processor, conversation):
+    """One chat -> model inputs (batch of 1) with the generation prompt appended."""
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, return_tensors="pt")
+
+
+def collate(encodings, pad_id):
+    """Left-pad a chunk so every prompt ends at the same column, where generation starts."""
+    width = max(e["input_ids"].shape[1] for e in encodings)
+    batch = {"input_ids": torch.full((len(encodings), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros(len(encodings), width, dtype=torch.long),
+             "mm_token_type_ids": torch.zeros(len(encodings), width, dtype=torch.long)}
+    for i, e in enumerate(encodings):
+        n = e["input_ids"].shape[1]
+        batch["input_ids"][i, width - n:] = e["input_ids"][0]
+        batch["attention_mask"][i, width - n:] = 1
+        if "mm_token_type_ids" in e:
+            batch["mm_token_type_ids"][i, width - n:] = e["mm_token_type_ids"][0]
+    images = [e for e in encodings if "pixel_values" in e]
+    if images:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in images])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in images])
+    return batch
+
+
+def rope_positions(model, batch):
+    """Qwen2.5-VL's 3-D rotary positions (time, height, width) for the prompt, and the next text position.
+
+    Image tokens share positions laid out on their grid, so after an image the next text position is less than
+    the token count. We compute it once here and carry it ourselves; the model's cached `rope_deltas` stay
+    untouched, so a later training forward on the same model object cannot pick up stale state.
+    """
+    positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                              image_grid_thw=batch.get("image_grid_thw"),
+                                              attention_mask=batch["attention_mask"])
+    return positions, positions.amax(dim=(0, 2)) + 1  # (3, B, L), (B,)
+
+
+def sample(logits, temperature, top_p, generators):
+    """Next token per row: argmax at temperature 0; else softmax(logits / T), truncated to the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before a token already reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+
+
+def forced_exit_ids(tokenizer, ids):
+    """The tokens of "</think>" as the tokenizer encodes them after this row's text (merges can cross the seam)."""
+    context = tokenizer.decode(ids[-4:])
+    before = tokenizer.encode(context, add_special_tokens=False)
+    after = tokenizer.encode(context + THINK_END, add_special_tokens=False)
+    if after[:len(before)] == before:
+        return after[len(before):]
+    return tokenizer.encode(THINK_END, add_special_tokens=False)
+
+
+@torch.no_grad()
+def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temperature, top_p, think_budget,
+                   answer_budget, stop_ids, may_close):
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}
+    positions, next_pos = rope_positions(model, batch)
+    mask = batch["attention_mask"]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                   pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    n = len(encodings)
+    out = [[] for _ in range(n)]
+    reason = ["length"] * n
+    forced = [[] for _ in range(n)]        # "</think>" tokens still to feed, per row
+    answer_left = [None] * n               # tokens left after a forced exit
+    thinking = [think_budget is not None] * n
+    live = list(range(n))                  # original row of each batch position
+    for _ in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, [generators[r] for r in live])
+        keep = []
+        for j, r in enumerate(live):
+            if forced[r]:                  # teacher-force the </think> of a forced exit
+                token[j] = forced[r].pop(0)
+            elif answer_left[r] is not None:
+                answer_left[r] -= 1        # an answer token after a forced exit
+            t = int(token[j])
+            out[r].append(t)
+            if thinking[r] and may_close[t] and THINK_END in tokenizer.decode(out[r][-8:]):
+                thinking[r] = False
+            if t in stop_ids:
+                reason[r] = "forced_exit" if answer_left[r] is not None else "stop"
+                continue
+            if thinking[r] and len(out[r]) >= think_budget:  # §2.1: stop thinking, answer now
+                thinking[r] = False
+                forced[r] = forced_exit_ids(tokenizer, out[r])
+                answer_left[r] = answer_budget
+                reason[r] = "forced_exit"
+            if answer_left[r] is not None and answer_left[r] <= 0 and not forced[r]:
+                continue                   # answered for its whole budget after a forced exit
+            keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(live):          # finished rows leave the batch and the cache
+            idx = torch.tensor(keep, device=device)
+            for layer in cache.layers:
+                layer.batch_select_indices(idx)
+            token, next_pos, mask = token[idx], next_pos[idx], mask[idx]
+            live = [live[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=step_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return [Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, why, len(ids))
+            for ids, why in zip(out, reason)]
+
+
+def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
+             think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False):
+    """Complete each chat; returns one Completion per conversation, in input order."""
+    if not conversations:
+        return []
+    tokenizer = processor.tokenizer
+    stop_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+                   else [model.generation_config.eos_token_id]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    stop_ids.discard(None)
+    # Only a token containing ">" can complete "</think>": decode a row's tail only after one of those.
+    may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
+    may_close += [False] * (model.config.text_config.vocab_size - len(may_close))
+    limit = model.config.text_config.max_position_embeddings
+    encodings = [encode(processor, c) for c in conversations]
+    results = [None] * len(conversations)
+    for i, e in enumerate(encodings):
+        if e["input_ids"].shape[1] >= limit:
+            raise ValueError(f"prompt {i} has {e['input_ids'].shape[1]} tokens; the model's context is {limit}")
+    if max_new_tokens <= 0:
+        return [Completion("", [], "length", 0) for _ in conversations]
+    base = seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item()
+    order = sorted(range(len(encodings)), key=lambda i: encodings[i]["input_ids"].shape[1])
+    from tqdm import tqdm
+    bar = tqdm(total=len(order), desc="generate", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        budget = min(max_new_tokens, limit - max(encodings[i]["input_ids"].shape[1] for i in rows))
+        chunk = generate_chunk(model, tokenizer, [encodings[i] for i in rows],
+                               [base * 1_000_003 + i for i in rows],  # a row's samples depend on its index only
+                               max_new_tokens=budget, temperature=temperature, top_p=top_p,
+                               think_budget=think_budget, answer_budget=answer_budget, stop_ids=stop_ids,
+                               may_close=may_close)
+        for i, c in zip(rows, chunk):
+            results[i] = c
+        bar.update(len(rows))
+    bar.close()
+    return results
+
+
+def shard(items, rank, world):
+    """This rank's share of a list (every world-th item), so gathering interleaves back into order."""
+    return items[rank::world]
+
+
+def unshard(gathered):
+    """Inverse of shard(): lists from each rank (e.g. from all_gather_object) back in the original order."""
+    out = []
+    for i in range(max(len(g) for g in gathered)):
+        out.extend(g[i] for g in gathered if i < len(g))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # model
+    ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="hub id, local directory, or `tiny`")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
+    # input
+    ap.add_argument("--prompt", help="a single user message")
+    ap.add_argument("--image", action="append", default=[], help="image file(s) for --prompt")
+    ap.add_argument("--input", help="JSONL with {'prompt': str, 'images': [paths]} per line")
+    ap.add_argument("--output", help="JSONL to write completions to (with --input)")
+    # sampling
+    ap.add_argument("--max-new-tokens", type=int, default=4096)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--think-budget", type=int, default=None, help="forced exit after this many thinking tokens")
+    ap.add_argument("--answer-budget", type=int, default=512, help="tokens allowed after a forced exit")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import data
+    from PIL import Image
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[args.dtype]
+    model = data.load_model(args.model, dtype=dtype, device=device).eval()
+    processor = data.load_processor(args.model)
+    if args.input:
+        rows = data.read_rows(args.input)
+    elif args.prompt is not None:
+        rows = [{"prompt": args.prompt, "images": args.image}]
+    else:
+        ap.error("give --prompt or --input")
+    conversations = [[data.user_message(r["prompt"], [Image.open(p).convert("RGB") for p in r.get("images", [])])]
+                     for r in rows]
+    completions = generate(model, processor, conversations, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, think_budget=args.think_budget,
+                           answer_budget=args.answer_budget, batch_size=args.batch_size, seed=args.seed,
+                           progress=args.input is not None)
+    if args.output:
+        with open(args.output, "w") as f:
+            for r, c in zip(rows, completions):
+                f.write(json.dumps({**r, **asdict(c)}) + "\n")
+    else:
+        for c in completions:
+            print(c.text)
+            print(f"[{c.finish_reason}, {c.num_tokens} tokens]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,157 @@
+import torch
+import pytest
+from PIL import Image
+
+import data
+import generate as G
+
+
+def chats(processor):
+    img = Image.new("RGB", (84, 56), (10, 120, 200))
+    return [[data.user_message("What is 2 + 3?")],
+            [data.user_message("A much longer prompt " * 8)],
+            [data.user_message("Describe this.", [img])],
+            [data.user_message("Two pictures", [Image.new("RGB", (56, 56), (0, 200, 0)), img])]]
+
+
+def reference(model, processor, chat, n):
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_greedy_matches_model_generate_with_and_without_images(model, processor):
+    convs = chats(processor)
+    ours = G.generate(model, processor, convs, max_new_tokens=12, batch_size=4)
+    for chat, c in zip(convs, ours):
+        assert c.token_ids == reference(model, processor, chat, 12)
+        assert c.finish_reason == "length" and c.num_tokens == 12
+    single = G.generate(model, processor, convs, max_new_tokens=12, batch_size=1)
+    assert [c.token_ids for c in single] == [c.token_ids for c in ours]
+
+
+def test_generation_leaves_no_rotary_state_behind(model, processor):
+    G.generate(model, processor, chats(processor)[2:], max_new_tokens=3)
+    assert model.model.rope_deltas is None
+
+
+class Markov(torch.nn.Module):
+    """The tiny model with its next token dictated by a table: next = table[current token]. Deterministic
+    behaviour whatever the batch, so forced-exit bookkeeping can be checked exactly."""
+
+    def __init__(self, model, table):
+        super().__init__()
+        self.inner, self.table = model, table
+        self.config, self.model, self.generation_config = model.config, model.model, model.generation_config
+
+    def forward(self, input_ids, **kw):
+        out = self.inner(input_ids=input_ids, **kw)
+        bias = torch.zeros_like(out.logits[:, -1])
+        for i, t in enumerate(input_ids[:, -1].tolist()):
+            bias[i, self.table.get(t, t)] = 1e4
+        out.logits = out.logits[:, -1:] + bias[:, None]
+        return out
+
+
+def cycle_table(processor, start_tokens):
+    """A chain from the prompt's last token through letters that never form '>' (never closes </think>)."""
+    tok = processor.tokenizer
+    letters = [tok.convert_tokens_to_ids(c) for c in "abcdefg"]
+    table = {s: letters[0] for s in start_tokens}
+    table.update({a: b for a, b in zip(letters, letters[1:] + letters[:1])})
+    return table, letters
+
+
+def test_forced_exit_appends_think_end_then_answers(model, processor):
+    tok = processor.tokenizer
+    last = tok.encode("assistant\n")[-1]
+    table, letters = cycle_table(processor, [last])
+    close = G.forced_exit_ids(tok, letters[:4])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    table[close[-1]] = im_end  # after </think> the model stops at once
+    m = Markov(model, table)
+    (c,) = G.generate(m, processor, [chats(processor)[0]], max_new_tokens=100, think_budget=7, answer_budget=5)
+    assert c.token_ids[:7] == [letters[i % 7] for i in range(7)]  # exactly k thinking tokens
+    assert tok.decode(c.token_ids[7:7 + len(close)]) == "</think>"
+    assert c.token_ids[7 + len(close):] == [im_end]
+    assert c.finish_reason == "forced_exit" and c.num_tokens == 7 + len(close) + 1
+
+    del table[close[-1]]  # now it babbles after </think>: cut at answer_budget
+    (c,) = G.generate(m, processor, [chats(processor)[0]], max_new_tokens=100, think_budget=7, answer_budget=5)
+    assert c.num_tokens == 7 + len(close) + 5 and c.finish_reason == "forced_exit"
+    (c,) = G.generate(m, processor, [chats(processor)[0]], max_new_tokens=100)  # no budget: runs to the cap
+    assert c.num_tokens == 100 and c.finish_reason == "length"
+
+
+def test_row_that_closes_think_early_is_untouched(model, processor):
+    tok = processor.tokenizer
+    think_end = tok.encode("x</think>", add_special_tokens=False)
+    last = tok.encode("assistant\n")[-1]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    chain = [last] + think_end + [im_end]
+    table = dict(zip(chain, chain[1:]))
+    m = Markov(model, table)
+    with_budget = G.generate(m, processor, [chats(processor)[0]], max_new_tokens=50, think_budget=10)
+    without = G.generate(m, processor, [chats(processor)[0]], max_new_tokens=50)
+    assert with_budget == without
+    assert with_budget[0].finish_reason == "stop" and with_budget[0].token_ids == think_end + [im_end]
+    assert with_budget[0].text == "x</think>"
+
+
+def test_sampling_is_reproducible_whatever_the_batch(model, processor):
+    convs = chats(processor) * 2
+    a = G.generate(model, processor, convs, max_new_tokens=8, temperature=1.0, seed=3, batch_size=8)
+    b = G.generate(model, processor, convs, max_new_tokens=8, temperature=1.0, seed=3, batch_size=3)
+    c = G.generate(model, processor, convs, max_new_tokens=8, temperature=1.0, seed=4, batch_size=8)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    assert a[0].token_ids != a[4].token_ids  # the same prompt twice gets two different samples (GRPO groups)
+
+
+def test_temperature_zero_is_greedy(model, processor):
+    convs = chats(processor)[:2]
+    assert G.generate(model, processor, convs, max_new_tokens=6, temperature=0.0, top_p=0.5, seed=1) == \
+        G.generate(model, processor, convs, max_new_tokens=6)
+
+
+def test_top_p_keeps_the_nucleus_only():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = G.sample(logits, 1.0, 0.7, gens)
+    counts = torch.bincount(drawn, minlength=4).float() / 4000
+    # the nucleus for top_p=0.7 is {0, 1} (0.5 < 0.7 <= 0.8), renormalized to 0.625 / 0.375
+    assert counts[2] == 0 and counts[3] == 0
+    assert abs(counts[0] - 0.625) < 0.03
+    full = torch.bincount(G.sample(logits, 1.0, 1.0, gens), minlength=4).float() / 4000
+    assert abs(full[3] - 0.05) < 0.015
+
+
+def test_edge_cases(model, processor):
+    assert G.generate(model, processor, []) == []
+    (c,) = G.generate(model, processor, [chats(processor)[0]], max_new_tokens=0)
+    assert c.token_ids == [] and c.finish_reason == "length"
+    too_long = [data.user_message("word " * 5000)]
+    with pytest.raises(ValueError, match="context"):
+        G.generate(model, processor, [too_long], max_new_tokens=4)
+
+
+def test_shard_unshard_round_trip():
+    items = list(range(11))
+    assert G.unshard([G.shard(items, r, 3) for r in range(3)]) == items
+
+
+def test_cli_prompt(tiny_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+    img = tmp_path / "x.png"
+    Image.new("RGB", (60, 60)).save(img)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi", "images": [str(img)]}) + "\n")
+    out = subprocess.run([sys.executable, "generate.py", "--model", tiny_path, "--input", str(tmp_path / "in.jsonl"),
+                          "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "5"],
+                         capture_output=True, text=True, cwd=data.TOY_DIR.parent)
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["num_tokens"] == 5 and row["finish_reason"] == "length"
