@@ -103,7 +103,8 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}
     positions, next_pos = rope_positions(model, batch)
-    mask = batch["attention_mask"]
+    # Without padding the causal mask is implicit: passing None lets attention skip building a mask each step.
+    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
@@ -146,9 +147,11 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
             idx = torch.tensor(keep, device=device)
             for layer in cache.layers:
                 layer.batch_select_indices(idx)
-            token, next_pos, mask = token[idx], next_pos[idx], mask[idx]
+            token, next_pos = token[idx], next_pos[idx]
+            mask = mask[idx] if mask is not None else None
             live = [live[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=step_pos,
                        past_key_values=cache, use_cache=True).logits[:, -1]
@@ -167,8 +170,9 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
                    else [model.generation_config.eos_token_id]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     stop_ids.discard(None)
     # Only a token containing ">" can complete "</think>": decode a row's tail only after one of those.
-    may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
-    may_close += [False] * (model.config.text_config.vocab_size - len(may_close))
+    if getattr(tokenizer, "_may_close", None) is None:
+        tokenizer._may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
+    may_close = tokenizer._may_close + [False] * (model.config.text_config.vocab_size - len(tokenizer._may_close))
     limit = model.config.text_config.max_position_embeddings
     encodings = [encode(processor, c) for c in conversations]
     results = [None] * len(conversations)
