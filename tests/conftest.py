@@ -28,3 +28,15 @@ def processor(tiny_path):
 def model(tiny_path):
     import data
     return data.load_model(tiny_path).eval()
+
+
+@pytest.fixture(scope="session")
+def sft_tiny(tmp_path_factory):
+    """The tiny model SFT'd on the toy task: it learns the <think>/<answer> format in ~20 s of CPU."""
+    import json
+    import sft
+    out = tmp_path_factory.mktemp("sft_tiny")
+    sft.main(["--model", "tiny", "--data", "toy", "--global-batch", "10", "--micro-batch", "10", "--epochs", "30",
+              "--lr", "3e-3", "--save-every", "0", "--out", str(out)])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return str(out / "final"), metrics

@@ -1,0 +1,346 @@
+"""Stage 1 of X-Reasoner: long chain-of-thought SFT of Qwen2.5-VL on text only, with FSDP2.
+
+    torchrun --nproc_per_node 8 sft.py                             # the paper's run (appendix B.1)
+    python sft.py --model tiny --data toy --global-batch 8 --micro-batch 4 --epochs 2 --out runs/sft   # CPU
+
+The paper fine-tunes all language-model weights of Qwen2.5-VL-7B-Instruct on OpenThoughts-114k rewritten to
+<think>...</think><answer>...</answer>, 4 epochs, AdamW lr 1e-5 decayed x0.8 per epoch, 128 sequences per
+step. Reading order: distributed setup -> FSDP2 sharding -> data order -> the loss -> the training loop ->
+checkpoints. `grpo.py` imports the plumbing from here (setup, sharding, checkpoints, metrics).
+
+Deliberate simplifications: sequences are padded, not packed (length-grouped batches keep the padding small,
+and the fraction is reported); the vision tower is frozen by default since text-only data gives it no
+gradient; one optimizer, no ZeRO offload.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and data
+    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory, or `tiny`")
+    ap.add_argument("--data", default=data.OPENTHOUGHTS, help="hub id, local .json/.jsonl/.parquet, or `toy`")
+    ap.add_argument("--out", default="runs/sft", help="checkpoints and metrics.jsonl go here")
+    ap.add_argument("--max-len", type=int, default=4096, help="truncate longer conversations (counted)")
+    # optimization (paper B.1)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--lr-decay", type=float, default=0.8, help="learning rate multiplied by this after each epoch")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--global-batch", type=int, default=128, help="sequences per optimizer step, all ranks")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one device")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop early (tests, smoke runs)")
+    ap.add_argument("--seed", type=int, default=0)
+    # systems
+    ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                    help="activation checkpointing; auto = on for GPU")
+    ap.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
+    ap.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: epoch ends only)")
+    ap.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
+    ap.add_argument("--window", type=int, default=16, help="length-grouping window, in global batches")
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed plumbing (shared with grpo.py)
+
+def setup_distributed():
+    """(rank, world, device). torchrun sets WORLD_SIZE; plain `python` runs as a world of one."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def all_reduce_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shard_model(model, device, train_vision=False, checkpointing=False):
+    """FSDP2: one unit per decoder layer and per vision block, then the root; bf16 compute on GPU with fp32
+    gradient reduction. Parameters stay fp32 (the optimizer's master copy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    model.model.visual.requires_grad_(train_vision)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not dist.is_initialized():
+        return model.to(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model):
+    """The unsharded weights, on CPU, on every rank (collective: all ranks must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def atomic_dir(final):
+    """A temporary sibling directory; `commit(tmp, final)` renames it into place, so readers never see half."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.parent / f".{final.name}.tmp"
+
+
+def commit(tmp, final):
+    final = Path(final)
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, optimizer, processor, path, state, rank):
+    """An HF directory (config, sharded safetensors, processor) that from_pretrained loads, plus the resumable
+    training state in `train_state/` (torch.distributed.checkpoint). Written aside, then renamed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    tmp = atomic_dir(path)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    weights = full_state_dict(model)
+    if rank == 0:
+        model.save_pretrained(tmp, state_dict=weights, max_shard_size="2GB")
+        processor.save_pretrained(tmp)
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    import warnings
+    with warnings.catch_warnings():  # a world of one is a fine DCP user; no need to warn about it
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_{rank}.pt")
+    barrier()
+    if rank == 0:
+        commit(tmp, path)
+    barrier()
+
+
+def load_checkpoint(model, optimizer, path, rank):
+    """Restore model, optimizer and RNG from save_checkpoint(); returns the saved `state` dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    bundle = {"model": model_sd, "optim": optim_sd}
+    dcp.load(bundle, checkpoint_id=str(path / "train_state"))
+    set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+    rng = torch.load(path / f"rng_{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return json.loads((path / "train_state.json").read_text())
+
+
+class Preemption:
+    """SIGTERM (cluster preemption) sets a flag; the loop saves at the end of the step and exits cleanly."""
+
+    def __init__(self, device):
+        self.requested, self.device = False, device
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+    def check(self):
+        flag = torch.tensor([float(self.requested)], device=self.device)
+        return bool(all_reduce_sum(flag).item())  # every rank must agree to stop at the same step
+
+
+class Metrics:
+    """metrics.jsonl on rank 0, one JSON object per step."""
+
+    def __init__(self, out, rank):
+        self.file = open(Path(out) / "metrics.jsonl", "a") if rank == 0 else None
+
+    def log(self, **row):
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU
+
+
+def mfu(tokens_per_s_per_gpu, n_params, device):
+    """Model FLOPs utilization: 6 * params FLOPs per trained token (forward + backward) over the GPU's peak."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return 6 * n_params * tokens_per_s_per_gpu / peak if peak else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data order: shuffle, group by length within windows, cut into global batches, split across ranks
+
+def epoch_batches(lengths, global_batch, window, seed, epoch):
+    """Global batches (lists of example indices) for one epoch: a seeded shuffle, then sorting inside windows
+    of `window` global batches so each batch holds similar lengths, then the batch order shuffled again."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = global_batch * window
+    batches = []
+    for start in range(0, len(order) - global_batch + 1, span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [chunk[i:i + global_batch] for i in range(0, len(chunk) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches  # the tail that does not fill a global batch is left out of this epoch
+
+
+def micro_batches(batch, lengths, micro, rank, world):
+    """This rank's micro-batches of one global batch: sorted by length, dealt round-robin across ranks."""
+    ordered = sorted(batch, key=lambda i: lengths[i])
+    chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    return chunks[rank::world]
+
+
+def collate(examples, pad_id, device):
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, e in enumerate(examples):  # right padding: training needs no generation column alignment
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def token_loss_sum(model, ids, labels, mask):
+    """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f".write_test_{rank}").touch()
+        (out / f".write_test_{rank}").unlink()
+    except OSError as e:
+        raise data.DataError(f"cannot write to --out {args.out}: {e.strerror}") from e
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    micro_per_step = args.global_batch // args.micro_batch
+    if args.global_batch % (args.micro_batch * world):
+        raise data.DataError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch "
+                             f"{args.micro_batch} x {world} ranks")
+    accum = micro_per_step // world  # gradient accumulation fills the gap between devices and the global batch
+
+    processor = data.load_processor(args.model)
+    examples = data.load_sft_data(args.data, processor, args.max_len)
+    if len(examples) < args.global_batch:
+        raise data.DataError(f"{len(examples)} examples cannot fill one global batch of {args.global_batch}")
+    lengths = [len(e["input_ids"]) for e in examples]
+    model = data.load_model(args.model)  # fp32 master weights; FSDP casts to bf16 for compute on GPU
+    checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
+    model = shard_model(model, device, args.train_vision, checkpointing)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in trainable)  # a sharded DTensor reports its full size
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+
+    steps_per_epoch = len(epoch_batches(lengths, args.global_batch, args.window, args.seed, 0))
+    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps,
+                                                                                steps_per_epoch * args.epochs)
+    state = {"step": 0}
+    if args.resume:
+        state = load_checkpoint(model, optimizer, args.resume, rank)
+    metrics, preempt = Metrics(out, rank), Preemption(device)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="sft")
+    pad = processor.tokenizer.pad_token_id
+    step = state["step"]
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = epoch_batches(lengths, args.global_batch, args.window, args.seed, epoch)[index]
+        lr = args.lr * args.lr_decay ** epoch  # B.1: x0.8 after each epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every rank knows the whole global batch, so the normalizer needs no communication.
+        n_target = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in batch)
+        start, loss_sum, tokens, padded = time.perf_counter(), torch.zeros(1, device=device), 0, 0
+        for k, mb in enumerate(micro_batches(batch, lengths, args.micro_batch, rank, world)):
+            if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once per step, not per micro-batch
+                model.set_requires_gradient_sync(k == accum - 1)
+            ids, labels, mask = collate([examples[i] for i in mb], pad, device)
+            loss = token_loss_sum(model, ids, labels, mask)
+            # Mean over all assistant tokens of the global batch; FSDP averages gradients over ranks, so x world.
+            (loss * world / n_target).backward()
+            loss_sum += loss.detach()
+            tokens += int(mask.sum())
+            padded += mask.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        counts = all_reduce_sum(torch.tensor([loss_sum.item(), tokens, padded], dtype=torch.float64, device=device))
+        seconds = time.perf_counter() - start
+        row = {"step": step, "epoch": epoch, "loss": counts[0].item() / n_target, "lr": lr,
+               "grad_norm": grad_norm.item(), "tokens": int(counts[1]), "tokens_per_s": counts[1].item() / seconds,
+               "padding": 1 - counts[1].item() / counts[2].item()}
+        row["mfu"] = mfu(row["tokens_per_s"] / world, n_params, device)
+        metrics.log(**row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        stop = preempt.check()
+        if stop or step == total or step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
+            name = "final" if step == total else f"step_{step}"
+            save_checkpoint(model, optimizer, processor, out / name, {"step": step}, rank)
+        if stop:
+            print(f"sft: SIGTERM, saved {out / f'step_{step}'}; resume with --resume", file=sys.stderr)
+            break
+    bar.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")

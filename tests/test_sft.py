@@ -1,0 +1,122 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import sft
+
+ROOT = data.TOY_DIR.parent
+ARGS = ["--model", "tiny", "--data", "toy", "--global-batch", "8", "--lr", "1e-3"]
+
+
+def run(args, nproc=1):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+           else [sys.executable]) + ["sft.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return data.load_model(str(path)).state_dict()
+
+
+def test_two_ranks_and_any_accumulation_give_the_same_step(tmp_path):
+    """Loss is averaged over every assistant token of the global batch, so the devices/accumulation split
+    cannot change the numbers: 1 process x 2 micro-batches, 1 x 4, and 2 ranks x 2 (FSDP2, gloo)."""
+    runs = {"1x2": (1, "4"), "1x4": (1, "2"), "2x2": (2, "2")}
+    for name, (nproc, micro) in runs.items():
+        r = run([*ARGS, "--micro-batch", micro, "--max-steps", "2", "--out", str(tmp_path / name)], nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ref_loss, ref_w = losses(tmp_path / "1x2"), weights(tmp_path / "1x2" / "final")
+    for name in ("1x4", "2x2"):
+        assert losses(tmp_path / name) == pytest.approx(ref_loss, rel=1e-5)
+        w = weights(tmp_path / name / "final")
+        assert w.keys() == ref_w.keys()
+        # fp32 sums in a different order: agreement to ~1e-6 after an lr=1e-3 Adam step
+        assert max((w[k] - ref_w[k]).abs().max().item() for k in w) < 1e-5
+    before = data.load_model("tiny").state_dict()
+    moved = max((ref_w[k] - before[k]).abs().max().item() for k in ref_w)
+    assert moved > 1e-4  # the step did change the weights, so the comparison above means something
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, first = tmp_path / "straight", tmp_path / "first"
+    assert run([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(straight)]).returncode == 0
+    assert run([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--out", str(first)]).returncode == 0
+    r = run([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(first), "--resume", str(first / "final")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(first) == pytest.approx(losses(straight), rel=1e-6)
+    a, b = weights(straight / "final"), weights(first / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert json.loads((first / "final" / "train_state.json").read_text())["step"] == 4
+
+
+def test_checkpoint_loads_with_from_pretrained_and_matches_memory(tmp_path):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    model = sft.main([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--out", str(tmp_path)]).eval()
+    final = tmp_path / "final"
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(final).eval()
+    AutoProcessor.from_pretrained(final)  # tokenizer and processor files are there too
+    ids = torch.tensor([[1, 20, 30, 40, 50, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary directory left behind
+
+
+def test_loss_falls_and_the_format_is_learned(sft_tiny):
+    path, metrics = sft_tiny
+    assert metrics[-1]["loss"] < 0.25 * metrics[0]["loss"]
+    import generate
+    model, processor = data.load_model(path).eval(), data.load_processor(path)
+    rows = data.load_rl_data("toy")[:10]
+    outs = generate.generate(model, processor, [r["messages"] for r in rows], max_new_tokens=60)
+    for o in outs:
+        assert o.finish_reason == "stop"
+        assert o.text.startswith("<think>\n") and "\n</think>\n<answer>\n" in o.text and o.text.endswith("</answer>")
+
+
+def test_metrics_have_what_a_researcher_reads(sft_tiny):
+    _, metrics = sft_tiny
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "padding", "mfu"} <= metrics[0].keys()
+    epochs = sorted({m["epoch"] for m in metrics})
+    lrs = {m["epoch"]: m["lr"] for m in metrics}
+    assert all(lrs[e] == pytest.approx(lrs[0] * 0.8 ** e) for e in epochs)  # x0.8 per epoch
+
+
+def test_length_grouping_keeps_every_example_once_and_cuts_padding():
+    lengths = [((i * 37) % 100) + 10 for i in range(256)]
+    batches = sft.epoch_batches(lengths, 16, window=4, seed=0, epoch=0)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(256))
+    def pad(bs):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+    ungrouped = sft.epoch_batches(lengths, 16, window=1, seed=0, epoch=0)
+    assert pad(batches) < 0.5 * pad(ungrouped)
+    assert sft.epoch_batches(lengths, 16, 4, 0, 1) != batches  # a new order each epoch
+    mbs = [sft.micro_batches(batches[0], lengths, 4, r, 2) for r in range(2)]
+    assert sorted(i for r in mbs for mb in r for i in mb) == sorted(batches[0])
+
+
+@pytest.mark.parametrize("case", ["no_rows", "missing_model", "unwritable_out"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"from": "user", "value": "q"}]}) + "\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    args = {"no_rows": ["--model", "tiny", "--data", str(bad), "--out", str(out)],
+            "missing_model": ["--model", str(tmp_path / "nope"), "--data", "toy", "--out", str(out)],
+            "unwritable_out": ["--model", "tiny", "--data", "toy", "--out", str(blocker / "sub")]}[case]
+    r = run(args)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in r.stderr
+    assert not out.exists() or not any(p.name != "metrics.jsonl" for p in out.iterdir())
