@@ -11,18 +11,21 @@ The paper (§2.2) rewards a response 1 when its final answer is semantically equ
     math_reward / choice_reward     the 1.0 / 0.0 that GRPO and evaluate.py use
     batch_rewards                   many of them in parallel helper processes, each with a hard deadline
 
-Safety: model text is never `eval`'d. Our translator emits only numbers, operators, brackets and whitelisted
-names, and sympy's `parse_expr` runs with empty builtins. Sizes are bounded before sympy (length, nesting,
-exponents, factorials) and sympy runs in a helper process with a deadline, killed and replaced when it overruns,
-which works in any thread and in any process (signals only work in the main thread). A timeout is "not equal", never an exception.
+Safety: model text is never `eval`'d: our translator emits only numbers, operators and whitelisted names, and
+`parse_expr` runs with empty builtins. Sizes are bounded before sympy, and sympy runs in a helper process that is
+killed past its deadline (any thread, any process; signals only work in the main thread). Timeout = "not equal".
 
     python rewards.py "<think>...</think><answer>\\frac{3}{4}</answer>" "0.75"     # extraction and verdict
-    python rewards.py --bench                                                  # answers/s, 1 process vs pool
+    python bench/bench_rewards.py                                              # answers/s, 1 process vs pool
 """
 import argparse
+import json
 import math
 import random
 import re
+import select
+import subprocess
+import sys
 import threading
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,14 +161,10 @@ def _argument(tokens, pos):
         return f"({inner})", pos + 1
     tok = tokens[pos]
     if re.fullmatch(r"\d+", tok):  # \frac12 = \frac{1}{2}: a LaTeX argument is one character
-        return tok[0], (pos + 1 if len(tok) == 1 else _split_digits(tokens, pos))
+        tokens[pos:pos + 1] = [tok[0], tok[1:]] if len(tok) > 1 else [tok]
+        return tok[0], pos + 1
     text, _ = _translate([tok], 0, stop=None)
     return f"({text})", pos + 1
-
-
-def _split_digits(tokens, pos):
-    tokens[pos:pos + 1] = [tokens[pos][0], tokens[pos][1:]]
-    return pos + 1
 
 
 def _translate(tokens, pos, stop, depth=0):
@@ -320,8 +319,6 @@ _SERVERS = threading.local()
 
 def _serve():
     """The helper's loop: one JSON [pred, gold, rel_tol] per line in, "1" or "0" out."""
-    import json
-    import sys
     _sympy()
     print("ready", flush=True)
     for line in sys.stdin:
@@ -335,8 +332,6 @@ def _serve():
 def _server():
     proc = getattr(_SERVERS, "proc", None)
     if proc is None or proc.poll() is not None:
-        import subprocess
-        import sys
         proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, bufsize=1)
         if proc.stdout.readline().strip() != "ready":
@@ -347,8 +342,6 @@ def _server():
 
 def equal_with_deadline(pred, gold, rel_tol, timeout):
     """_equal(pred, gold) in this thread's helper process; False (and a fresh helper) past `timeout` seconds."""
-    import json
-    import select
     proc = _server()
     proc.stdin.write(json.dumps([pred, gold, rel_tol]) + "\n")
     proc.stdin.flush()
@@ -364,55 +357,52 @@ def equal_with_deadline(pred, gold, rel_tol, timeout):
 # ----------------------------------------------------------------------------------------------------
 # 5. Equivalence
 
-def has_decimal(s):
-    return re.search(r"\d\.\d|(?<!\d)\.\d", s) is not None
+def at_random_points(exprs, n=4, seed=0):
+    """Complex values of the expressions at n random rational points: identities by evaluation, not algebra."""
+    sympy = _sympy()[0]
+    symbols = sorted(set().union(*(e.free_symbols for e in exprs)), key=str)
+    rng = random.Random(seed)
+    for _ in range(n):
+        point = {s: sympy.Rational(rng.randint(11, 97), 37) for s in symbols}
+        yield [complex(e.evalf(30, subs=point)) for e in exprs]
+
+
+def close(x, y, tol):
+    return abs(x - y) <= tol * max(abs(x), abs(y), 1e-12)
 
 
 def values_equal(a, b, exact, rel_tol):
     """Two sympy expressions: exactly when both were written exactly, else within rel_tol; symbols by sampling."""
-    sympy = _sympy()[0]
-    symbols = a.free_symbols | b.free_symbols
-    if not symbols:
+    if not (a.free_symbols | b.free_symbols):
         if exact and a.is_Rational and b.is_Rational:
             return bool(a == b)
         x, y = complex(a.evalf(30)), complex(b.evalf(30))
-        tol = 1e-12 if exact else rel_tol
-        return abs(x - y) <= tol * max(abs(x), abs(y), 1e-12) or (x == y)
-    # Identities (trig, algebra) by evaluation at random points, then sympy's simplify if that is inconclusive.
-    rng = random.Random(0)
-    agree = 0
-    for _ in range(4):
-        point = {s: sympy.Rational(rng.randint(11, 97), 37) for s in symbols}
-        x, y = complex(a.evalf(30, subs=point)), complex(b.evalf(30, subs=point))
+        return x == y or close(x, y, 1e-12 if exact else rel_tol)
+    agree = 0  # identities (trig, algebra) at random points; sympy's simplify only if those are inconclusive
+    for x, y in at_random_points([a, b]):
         if any(math.isnan(v.real) or math.isinf(v.real) for v in (x, y)):
             continue
-        if abs(x - y) > (1e-9 if exact else rel_tol) * max(abs(x), abs(y), 1e-12):
+        if not close(x, y, 1e-9 if exact else rel_tol):
             return False
         agree += 1
-    return agree >= 2 or sympy.simplify(a - b) == 0
+    return agree >= 2 or _sympy()[0].simplify(a - b) == 0
 
 
 def equations_equal(p, g, rel_tol):
     """lhs1 = rhs1 and lhs2 = rhs2 describe the same set when (lhs1 - rhs1) / (lhs2 - rhs2) is a nonzero constant."""
-    sympy = _sympy()[0]
     d1 = [to_sympy(side) for side in p.split("=", 1)]
     d2 = [to_sympy(side) for side in g.split("=", 1)]
     e1, e2 = d1[0] - d1[1], d2[0] - d2[1]
-    symbols = e1.free_symbols | e2.free_symbols
-    if not symbols:
+    if not (e1.free_symbols | e2.free_symbols):
         return values_equal(d1[0], d2[0], True, rel_tol) and values_equal(d1[1], d2[1], True, rel_tol)
-    rng = random.Random(1)
     ratios = []
-    for _ in range(4):
-        point = {s: sympy.Rational(rng.randint(11, 97), 37) for s in symbols}
-        x, y = complex(e1.evalf(30, subs=point)), complex(e2.evalf(30, subs=point))
+    for x, y in at_random_points([e1, e2], seed=1):
         if abs(y) < 1e-12:
             if abs(x) > 1e-9:
                 return False
             continue
         ratios.append(x / y)
-    return len(ratios) >= 2 and abs(ratios[0]) > 1e-12 and all(abs(r - ratios[0]) <= 1e-9 * abs(ratios[0])
-                                                               for r in ratios)
+    return len(ratios) >= 2 and abs(ratios[0]) > 1e-12 and all(close(r, ratios[0], 1e-9) for r in ratios)
 
 
 def split_top(s, seps=(",",)):
@@ -523,7 +513,8 @@ def scalars_equal(p, g, rel_tol):
         a, b = to_sympy(p), to_sympy(g)
     except NotMath:
         return False
-    return values_equal(a, b, not (has_decimal(p) or has_decimal(g)), rel_tol)
+    written_exactly = not re.search(r"\d\.\d|(?<!\d)\.\d", p + " " + g)  # no rounded decimal on either side
+    return values_equal(a, b, written_exactly, rel_tol)
 
 
 def math_equal(pred, gold, rel_tol=REL_TOL, timeout=TIMEOUT):
@@ -601,21 +592,13 @@ def batch_rewards(responses, golds, options=None, processes=4):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Extract an answer and verify it; or benchmark the verifier.")
+    ap = argparse.ArgumentParser(description="Extract the answer from a response and verify it against a gold answer.")
     ap.add_argument("response", nargs="?", help="a model response (tags optional)")
     ap.add_argument("gold", nargs="?", help="the ground-truth answer")
-    ap.add_argument("--bench", action="store_true", help="answers/second, one process vs a pool")
-    ap.add_argument("--processes", type=int, default=4)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the helper process
     args = ap.parse_args()
     if args.serve:
         _serve()
-    elif args.bench:
-        import sys
-        from pathlib import Path
-        sys.path.insert(0, str(Path(__file__).parent / "bench"))
-        import bench_rewards
-        bench_rewards.main(args.processes)
     elif args.response is not None and args.gold is not None:
         answer = extract_answer(args.response)
         print(f"extracted: {answer!r}\nnormalized: {normalize(answer)!r} vs {normalize(args.gold)!r}")

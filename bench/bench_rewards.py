@@ -1,6 +1,6 @@
 """Verifier throughput: answers/second on a mixed set, one thread vs batch_rewards with helper processes.
 
-    python bench/bench_rewards.py [--processes 4]      (also: python rewards.py --bench)
+    python bench/bench_rewards.py [--processes 4]
 
 A GRPO step scores 128 prompts x 8 responses = 1,024 answers; this prints how long that takes. If the optional
 `math-verify` package is installed, its speed and its agreement with us on the same set are printed too.
