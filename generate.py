@@ -162,7 +162,8 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
 
 def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
              think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False):
-    """Complete each chat; returns one Completion per conversation, in input order."""
+    """Complete each chat; returns one Completion per conversation, in input order.
+    `seed`: an int (row i uses a seed derived from it and i) or a list with one seed per conversation."""
     if not conversations:
         return []
     tokenizer = processor.tokenizer
@@ -181,7 +182,11 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
             raise ValueError(f"prompt {i} has {e['input_ids'].shape[1]} tokens; the model's context is {limit}")
     if max_new_tokens <= 0:
         return [Completion("", [], "length", 0) for _ in conversations]
-    base = seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item()
+    if isinstance(seed, (list, tuple)):  # one seed per conversation (GRPO: independent of how rows are sharded)
+        seeds = list(seed)
+    else:
+        base = seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item()
+        seeds = [base * 1_000_003 + i for i in range(len(conversations))]  # a row's samples depend on its index
     order = sorted(range(len(encodings)), key=lambda i: encodings[i]["input_ids"].shape[1])
     from tqdm import tqdm
     bar = tqdm(total=len(order), desc="generate", disable=not progress)
@@ -189,7 +194,7 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
         rows = order[start:start + batch_size]
         budget = min(max_new_tokens, limit - max(encodings[i]["input_ids"].shape[1] for i in rows))
         chunk = generate_chunk(model, tokenizer, [encodings[i] for i in rows],
-                               [base * 1_000_003 + i for i in rows],  # a row's samples depend on its index only
+                               [seeds[i] for i in rows],
                                max_new_tokens=budget, temperature=temperature, top_p=top_p,
                                think_budget=think_budget, answer_budget=answer_budget, stop_ids=stop_ids,
                                may_close=may_close)

@@ -575,6 +575,9 @@ def choice_reward(response, options, answer):
 # ----------------------------------------------------------------------------------------------------
 # 7. Many at once: worker processes, each task with a hard deadline
 
+_POOL = None
+
+
 def _score(item):
     response, gold, options = item
     return choice_reward(response, options, gold) if options else math_reward(response, gold)
@@ -583,12 +586,14 @@ def _score(item):
 def batch_rewards(responses, golds, options=None, processes=4):
     """Rewards for many responses at once. Each of `processes` threads drives its own helper process, so the
     sympy work runs in parallel, and every comparison keeps its own deadline."""
+    global _POOL
     from concurrent.futures import ThreadPoolExecutor
     items = list(zip(responses, golds, options or [None] * len(golds)))
     if processes <= 1:
         return [_score(it) for it in items]
-    with ThreadPoolExecutor(processes) as pool:
-        return list(pool.map(_score, items))
+    if _POOL is None or _POOL._max_workers != processes:  # threads (and their helpers) live across calls
+        _POOL = ThreadPoolExecutor(processes)
+    return list(_POOL.map(_score, items))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""Stage 2 of X-Reasoner: GRPO with verifiable 1/0 rewards on text-only math (paper §2.2, appendices A, B.2).
+
+    torchrun --nproc_per_node 8 grpo.py --model runs/sft/final --group-size 8       # the paper's run
+    python grpo.py --model runs/sft/final --data toy --prompts-per-step 8 --max-new-tokens 64 --out runs/grpo
+
+One step, in reading order (each a function below):
+    1. rollouts          every rank samples `group_size` answers for its share of the prompts (generate.py),
+                         from an unsharded inference copy of the policy
+    2. rewards           rewards.py: 1 if the final answer is right, else 0 (multiple choice for rows with options)
+    3. group_advantages  A = (r - mean(r)) / (std(r) + eps) within each prompt's group (eq. 1)
+    4. log-probs         of the sampled tokens under the policy before the update (old) and the frozen reference
+    5. policy_loss       clipped surrogate with clip-higher (eps_low 0.2, eps_high 0.28) + beta * k3 KL, summed over
+                         response tokens and divided by the number of response tokens across all ranks
+    6. update            AdamW over `ppo_mini_batches` mini-batches, gradient accumulation over micro-batches
+    7. refresh           copy the new weights into the inference copy
+
+Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine);
+the inference copy costs one unsharded bf16 model per GPU (15.2 GB for the 7B) on top of the FSDP shards.
+"""
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import generate
+import rewards
+import sft
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # model and data
+    ap.add_argument("--model", required=True, help="the SFT checkpoint directory (stage 1's final), or `tiny`")
+    ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL or path), MedQA rows, or `toy`")
+    ap.add_argument("--out", default="runs/grpo")
+    # GRPO (paper B.2)
+    ap.add_argument("--group-size", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step, all ranks together")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=4096)
+    ap.add_argument("--think-budget", type=int, default=None, help="forced exit (§2.1) during rollouts; off in B.2")
+    ap.add_argument("--answer-budget", type=int, default=512)
+    ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient; 0 skips the reference model")
+    ap.add_argument("--eps-low", type=float, default=0.2)
+    ap.add_argument("--eps-high", type=float, default=0.28, help="clip-higher")
+    ap.add_argument("--no-std", action="store_true", help="advantages r - mean(r), without dividing by the std")
+    ap.add_argument("--ppo-mini-batches", type=int, default=1, help="optimizer steps per rollout batch")
+    # optimization
+    ap.add_argument("--lr", type=float, default=3e-6)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warm-up")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per training forward")
+    ap.add_argument("--gen-batch", type=int, default=64, help="sequences per generation batch")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    # systems
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--reward-processes", type=int, default=4)
+    return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method
+
+def group_advantages(rewards_, eps=1e-6, scale=True):
+    """Eq. (1): each response's reward relative to its group. rewards_: (prompts, group_size)."""
+    centered = rewards_ - rewards_.mean(dim=1, keepdim=True)
+    return centered / (rewards_.std(dim=1, keepdim=True) + eps) if scale else centered
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28, beta=0.01):
+    """The GRPO objective, negated for gradient descent, aggregated over tokens (not sequences).
+
+    logp/old_logp/ref_logp/mask: (B, T) per response token; advantages: (B,); n_tokens: response tokens in the
+    whole mini-batch on all ranks, so every token weighs the same whatever its sequence's length.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # clip-higher
+    per_token = -surrogate
+    kl = torch.zeros_like(logp)
+    if beta:
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || reference), >= 0
+        per_token = per_token + beta * kl
+    loss = (per_token * mask).sum() / n_tokens
+    with torch.no_grad():
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"kl": (kl * mask).sum().item(), "clipped": (clipped.float() * mask).sum().item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequences and log-probabilities
+
+def sequence_batch(processor, rows, device):
+    """Prompt + response token batches laid out as in generation: prompts left-padded to end at one column,
+    responses right-padded after it. Returns model inputs, the response tokens and their mask."""
+    encodings = [generate.encode(processor, r["messages"]) for r in rows]
+    batch = generate.collate(encodings, processor.tokenizer.pad_token_id)
+    width = max(len(r["token_ids"]) for r in rows)
+    response = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        response[i, :len(r["token_ids"])] = torch.tensor(r["token_ids"], dtype=torch.long)
+        mask[i, :len(r["token_ids"])] = 1
+    batch["input_ids"] = torch.cat([batch["input_ids"], response], dim=1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+    batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
+    return {k: v.to(device) for k, v in batch.items()}, response.to(device), mask.to(device)
+
+
+def token_logprobs(model, batch, response, chunk=512):
+    """log p(response token | everything before it), (B, T), and the per-token entropy (no grad).
+
+    Only the response positions go through the LM head (logits_to_keep), and the float32 log-softmax is taken
+    in chunks of positions, since B x T x vocab floats would not fit for long responses.
+    """
+    positions, _ = generate.rope_positions(model, batch)  # explicit: never the model's cached rope_deltas
+    T = response.shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                   pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+                   logits_to_keep=T + 1).logits[:, :-1]  # position t predicts response token t
+    logps, entropies = [], []
+    for s in range(0, T, chunk):
+        lp = torch.log_softmax(logits[:, s:s + chunk].float(), dim=-1)
+        logps.append(lp.gather(-1, response[:, s:s + chunk, None])[..., 0])
+        with torch.no_grad():
+            entropies.append(-(lp.exp() * lp).sum(-1))
+    return torch.cat(logps, 1), torch.cat(entropies, 1)
+
+
+@torch.no_grad()
+def refresh_inference_copy(policy, copy):
+    """Copy the trained (possibly FSDP-sharded) weights into the unsharded model that generates rollouts.
+    One parameter at a time, so the all-gather never holds more than one full tensor (collective)."""
+    copies = dict(copy.named_parameters())
+    for name, p in policy.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        copies[name].copy_(full.to(copies[name].dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# One step
+
+def rollouts(infer, processor, prompts, args, seeds):
+    """group_size samples of each prompt; rows keep the prompt, the completion and which group it belongs to."""
+    expanded = [(g, p) for g, p in enumerate(prompts) for _ in range(args.group_size)]
+    seeds = [s * args.group_size + k for s in seeds for k in range(args.group_size)]
+    completions = generate.generate(infer, processor, [p["messages"] for _, p in expanded],
+                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    think_budget=args.think_budget, answer_budget=args.answer_budget,
+                                    batch_size=args.gen_batch, seed=seeds)
+    return [{"group": g, "messages": p["messages"], "answer": p["answer"], "options": p["options"],
+             "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+            for (g, p), c in zip(expanded, completions)]
+
+
+def score(rows, args):
+    return torch.tensor(rewards.batch_rewards([r["text"] for r in rows], [r["answer"] for r in rows],
+                                              [r["options"] for r in rows], processes=args.reward_processes))
+
+
+@torch.no_grad()
+def old_and_ref_logprobs(policy, reference, processor, rows, args, device):
+    for k in range(0, len(rows), args.micro_batch):
+        mb = rows[k:k + args.micro_batch]
+        batch, response, _ = sequence_batch(processor, mb, device)
+        old, _ = token_logprobs(policy, batch, response)
+        ref = token_logprobs(reference, batch, response)[0] if reference is not None else old
+        for i, r in enumerate(mb):
+            n = len(r["token_ids"])
+            r["old_logp"], r["ref_logp"] = old[i, :n].cpu(), ref[i, :n].cpu()
+
+
+def pad_rows(values, width, device):
+    out = torch.zeros(len(values), width, device=device)
+    for i, v in enumerate(values):
+        out[i, :len(v)] = v.to(device)
+    return out
+
+
+def update(policy, optimizer, trainable, processor, rows, args, world, device):
+    """Steps 5-6: the loss over `ppo_mini_batches` mini-batches, each one optimizer step."""
+    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    size = -(-len(rows) // args.ppo_mini_batches)
+    for m in range(0, len(rows), size):
+        mini = rows[m:m + size]
+        n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(len(r["token_ids"]) for r in mini)), device=device))
+        micro = [mini[k:k + args.micro_batch] for k in range(0, len(mini), args.micro_batch)]
+        for j, mb in enumerate(micro):
+            if hasattr(policy, "set_requires_gradient_sync"):
+                policy.set_requires_gradient_sync(j == len(micro) - 1)
+            batch, response, mask = sequence_batch(processor, mb, device)
+            logp, entropy = token_logprobs(policy, batch, response)
+            width = response.shape[1]
+            loss, s = policy_loss(logp, pad_rows([r["old_logp"] for r in mb], width, device),
+                                  pad_rows([r["ref_logp"] for r in mb], width, device),
+                                  torch.tensor([r["advantage"] for r in mb], device=device), mask,
+                                  n_tokens, args.eps_low, args.eps_high, args.beta)
+            (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
+            stats["loss"] += loss.item()
+            stats["kl"] += s["kl"]
+            stats["clipped"] += s["clipped"]
+            stats["entropy"] += (entropy * mask).sum().item()
+            stats["tokens"] += mask.sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
+        stats["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = sft.setup_distributed()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.prompts_per_step % world:
+        raise data.DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of {world} ranks")
+    torch.manual_seed(args.seed)
+    prompts = data.load_rl_data(args.data)
+    processor = data.load_processor(args.model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    infer = data.load_model(args.model, dtype=dtype, device=device).eval()  # unsharded copy for rollouts
+    policy = sft.shard_model(data.load_model(args.model), device)
+    reference = None
+    if args.beta:
+        reference = sft.shard_model(data.load_model(args.model), device).eval()
+        reference.requires_grad_(False)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)
+    total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
+    warmup = max(1, int(args.warmup * total))
+    state = sft.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
+    if args.resume:
+        refresh_inference_copy(policy, infer)
+    metrics, preempt = sft.Metrics(out, rank), sft.Preemption(device)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
+    step = state["step"]
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = list(range(len(prompts)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        chosen = order[index * args.prompts_per_step:(index + 1) * args.prompts_per_step]
+        mine = generate.shard(chosen, rank, world)
+        lr = args.lr * min(1.0, (step + 1) / warmup)  # linear warm-up over the first 10% of steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        times = {}
+        t = time.perf_counter()
+        # Seeds follow (step, prompt), not the rank: the same rollouts on 1 GPU or 64.
+        seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
+        rows = rollouts(infer, processor, [prompts[i] for i in mine], args, seeds)
+        times["generate"], t = time.perf_counter() - t, time.perf_counter()
+        r = score(rows, args)
+        times["reward"], t = time.perf_counter() - t, time.perf_counter()
+        adv = group_advantages(r.view(-1, args.group_size), scale=not args.no_std).view(-1)
+        for row, a in zip(rows, adv.tolist()):
+            row["advantage"] = a
+        old_and_ref_logprobs(policy, reference, processor, rows, args, device)
+        times["logprob"], t = time.perf_counter() - t, time.perf_counter()
+        policy.train()
+        s = update(policy, optimizer, trainable, processor, rows, args, world, device)
+        refresh_inference_copy(policy, infer)
+        times["update"] = time.perf_counter() - t
+        step += 1
+        lengths = torch.tensor([float(len(x["token_ids"])) for x in rows])
+        sums = sft.all_reduce_sum(torch.tensor([
+            r.sum().item(), len(rows), float((r.view(-1, args.group_size).std(1) == 0).sum()), r.numel() // args.group_size,
+            lengths.sum().item(), sum(x["finish_reason"] == "length" for x in rows),
+            sum(x["finish_reason"] == "forced_exit" for x in rows), s["kl"], s["clipped"], s["entropy"], s["tokens"],
+            s["loss"]],
+            dtype=torch.float64, device=device))
+        max_len = torch.tensor([lengths.max().item()], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
+        row = {"step": step, "epoch": epoch, "reward": sums[0].item() / sums[1].item(),
+               "zero_adv_groups": sums[2].item() / sums[3].item(), "response_len": sums[4].item() / sums[1].item(),
+               "response_len_max": max_len.item(), "clip_ratio": sums[5].item() / sums[1].item(),
+               "forced_exit": sums[6].item() / sums[1].item(), "kl": sums[7].item() / sums[10].item(),
+               "policy_clipped": sums[8].item() / sums[10].item(), "entropy": sums[9].item() / sums[10].item(),
+               "loss": sums[11].item(), "grad_norm": s["grad_norm"], "lr": lr, **{f"sec_{k}": v for k, v in times.items()}}
+        metrics.log(**row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
+        bar.update(1)
+        stop = preempt.check()
+        if stop or step == total or (args.save_every and step % args.save_every == 0):
+            name = "final" if step == total else f"step_{step}"
+            sft.save_checkpoint(policy, optimizer, processor, out / name, {"step": step}, rank)
+        if stop:
+            break
+    bar.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return policy
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
