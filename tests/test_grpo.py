@@ -1,0 +1,195 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import generate
+import grpo
+
+ROOT = data.TOY_DIR.parent
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    a = grpo.group_advantages(r)
+    # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.57735 -> +-0.8660
+    assert a[0].tolist() == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], abs=1e-5)
+    # group 2: mean 0.75, std sqrt((3 * 0.0625 + 0.5625) / 3) = 0.5 -> 0.5, 0.5, 0.5, -1.5
+    assert a[1].tolist() == pytest.approx([0.5, 0.5, 0.5, -1.5], abs=1e-5)
+    assert a[2].tolist() == [0.0] * 4 and not torch.isnan(a).any()  # identical rewards: no signal, no NaN
+    assert grpo.group_advantages(r, scale=False)[1].tolist() == pytest.approx([0.25, 0.25, 0.25, -0.75])
+
+
+def naive_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta):
+    """The objective written token by token in plain Python, independently of policy_loss."""
+    total, count = 0.0, 0
+    for i in range(len(logp)):
+        for t in range(len(logp[i])):
+            if not mask[i][t]:
+                continue
+            ratio = math.exp(logp[i][t] - old[i][t])
+            clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
+            surrogate = min(ratio * adv[i], clipped * adv[i])
+            d = ref[i][t] - logp[i][t]
+            total += -surrogate + beta * (math.exp(d) - d - 1)
+            count += 1
+    return total / count
+
+
+def test_policy_loss_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 9
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = old + torch.randn(B, T, generator=g) * 0.4  # ratios from ~0.3 to ~3: all three clip regions
+    ref = old + torch.randn(B, T, generator=g) * 0.2
+    adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9, -0.2])
+    lengths = [9, 3, 5, 1, 7, 9]  # responses of different lengths
+    mask = torch.tensor([[t < n for t in range(T)] for n in lengths], dtype=torch.float)
+    ratio = torch.exp(logp - old)
+    assert ((ratio < 0.8) * mask).sum() > 0 and ((ratio > 1.28) * mask).sum() > 0
+    assert (((ratio > 0.8) & (ratio < 1.28)) * mask).sum() > 0
+    loss, stats = grpo.policy_loss(logp, old, ref, adv, mask, mask.sum(), 0.2, 0.28, 0.05)
+    expected = naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 0.05)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # a per-sequence mean (then a mean over sequences) weighs short responses more: a different number
+    per_token = (loss * mask.sum()).item()
+    per_seq = sum(naive_loss([logp[i].tolist()], [old[i].tolist()], [ref[i].tolist()], [adv[i].item()],
+                             [mask[i].tolist()], 0.2, 0.28, 0.05) for i in range(B)) / B
+    assert abs(per_seq - per_token / mask.sum().item()) > 1e-3
+    assert stats["clipped"] > 0
+
+
+def test_kl_term_is_nonnegative_and_zero_at_the_reference():
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(4, 5, generator=g)
+    mask = torch.ones(4, 5)
+    zero_adv = torch.zeros(4)
+    _, same = grpo.policy_loss(logp, logp, logp, zero_adv, mask, 20, beta=1.0)
+    assert same["kl"] == 0.0
+    ref = logp + torch.randn(4, 5, generator=g)
+    loss, other = grpo.policy_loss(logp, logp, ref, zero_adv, mask, 20, beta=1.0)
+    assert other["kl"] > 0 and loss.item() > 0
+
+
+def rows_for(model, processor, n_tokens=6):
+    """Two fixed responses to the same prompt, one rewarded, one not."""
+    prompt = data.load_rl_data("toy")[0]
+    rows = []
+    for k, adv in enumerate([1.0, -1.0]):
+        ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in "abcdef"[k:k + n_tokens // 2]] * 2
+        rows.append({**prompt, "token_ids": ids, "text": "", "finish_reason": "length", "advantage": adv})
+    return rows
+
+
+def sequence_logprob(model, processor, rows):
+    batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
+    with torch.no_grad():
+        logp, _ = grpo.token_logprobs(model, batch, response)
+    return (logp * mask).sum(1)
+
+
+def args_for(*extra):
+    return grpo.parse_args(["--model", "tiny", "--micro-batch", "1", "--lr", "1e-3", *extra])
+
+
+def test_one_update_moves_probability_towards_rewarded_responses(model, processor):
+    rows = rows_for(model, processor)
+    args = args_for("--beta", "0")
+    grpo.old_and_ref_logprobs(model, None, processor, rows, args, torch.device("cpu"))
+    before = sequence_logprob(model, processor, rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    stats = grpo.update(model, opt, params, processor, rows, args, 1, torch.device("cpu"))
+    after = sequence_logprob(model, processor, rows)
+    assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
+    # first step, one mini-batch: the ratio is exactly 1, the surrogate is -mean(A) = 0 for equal lengths,
+    # yet the gradient is not zero; that is why the metrics report reward and grad norm, not only the loss
+    assert abs(stats["loss"]) < 1e-6 and stats["grad_norm"] > 1e-3 and stats["clipped"] == 0
+
+
+def test_kl_alone_pulls_the_policy_towards_the_reference(model, processor):
+    reference = data.load_model("tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # the policy has drifted from the reference
+    rows = rows_for(model, processor)
+    for r in rows:
+        r["advantage"] = 0.0  # no reward signal: only the KL penalty acts
+    args = args_for("--beta", "1.0")
+    grpo.old_and_ref_logprobs(model, reference, processor, rows, args, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)
+
+    def kl():
+        batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
+        with torch.no_grad():
+            logp, _ = grpo.token_logprobs(model, batch, response)
+        ref = grpo.pad_rows([r["ref_logp"] for r in rows], response.shape[1], torch.device("cpu"))
+        return grpo.policy_loss(logp, logp, ref, torch.zeros(2), mask, mask.sum(), beta=1.0)[1]["kl"]
+    first = kl()
+    assert first > 0
+    for _ in range(3):
+        grpo.update(model, opt, params, processor, rows, args, 1, torch.device("cpu"))
+    assert kl() < 0.7 * first
+
+
+def test_refresh_makes_the_inference_copy_equal_the_trained_weights(model):
+    copy = data.load_model("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
+    grpo.refresh_inference_copy(model, copy)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
+
+
+def test_logprobs_after_generation_ignore_cached_rotary_state(model, processor):
+    from PIL import Image
+    fresh = data.load_model("tiny").eval()
+    image_chat = [data.user_message("Describe", [Image.new("RGB", (84, 84), (5, 90, 200))])]
+    inputs = processor.apply_chat_template(image_chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=3, do_sample=False)  # transformers caches rope_deltas here
+    assert model.model.rope_deltas is not None
+    rows = rows_for(model, processor) * 2  # a text batch of another shape
+    assert torch.allclose(sequence_logprob(model, processor, rows), sequence_logprob(fresh, processor, rows))
+
+
+def run(args, nproc):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+           else [sys.executable]) + ["grpo.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_ranks_match_one_process(sft_tiny, tmp_path):
+    path, _ = sft_tiny
+    common = ["--model", path, "--data", "toy", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens",
+              "24", "--max-steps", "1", "--lr", "1e-3", "--micro-batch", "2", "--reward-processes", "1"]
+    for name, nproc in (("one", 1), ("two", 2)):
+        r = run([*common, "--out", str(tmp_path / name)], nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("one", "two"))
+    for key in ("reward", "response_len", "loss", "kl", "entropy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
+    a, b = data.load_model(str(tmp_path / "one" / "final")), data.load_model(str(tmp_path / "two" / "final"))
+    assert max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters())) < 1e-5
+
+
+def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
+    path, _ = sft_tiny
+    r = run(["--model", path, "--data", "toy", "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens",
+             "16", "--max-steps", "2", "--think-budget", "8", "--answer-budget", "4", "--out", str(tmp_path)], 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    keys = {"reward", "zero_adv_groups", "response_len", "response_len_max", "clip_ratio", "forced_exit", "kl",
+            "policy_clipped", "entropy", "grad_norm", "lr", "loss", "sec_generate", "sec_reward", "sec_logprob",
+            "sec_update"}
+    assert keys <= rows[0].keys()
+    assert rows[0]["forced_exit"] > 0  # budget 8 < the SFT'd model's ~20-token thought
+    assert (tmp_path / "final" / "config.json").exists()
