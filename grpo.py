@@ -297,11 +297,8 @@ def main(argv=None):
         metrics.log(**row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
         bar.update(1)
-        stop = preempt.check()
-        if stop or step == total or (args.save_every and step % args.save_every == 0):
-            name = "final" if step == total else f"step_{step}"
-            sft.save_checkpoint(policy, optimizer, processor, out / name, {"step": step}, rank)
-        if stop:
+        due = bool(args.save_every and step % args.save_every == 0)
+        if sft.save_if_due(preempt, policy, optimizer, processor, out, step, total, rank, due):
             break
     bar.close()
     if dist.is_initialized():

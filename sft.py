@@ -182,6 +182,17 @@ class Preemption:
         return bool(all_reduce_sum(flag).item())  # every rank must agree to stop at the same step
 
 
+def save_if_due(preempt, model, optimizer, processor, out, step, total, rank, due=False):
+    """Save at the last step, when `due` (epoch end, --save-every) or on SIGTERM; True means stop now."""
+    stop = preempt.check()
+    if stop or due or step == total:
+        name = "final" if step == total else f"step_{step}"
+        save_checkpoint(model, optimizer, processor, Path(out) / name, {"step": step}, rank)
+        if stop and rank == 0:
+            print(f"SIGTERM: saved {Path(out) / name}; continue with --resume {Path(out) / name}", file=sys.stderr)
+    return stop
+
+
 class Metrics:
     """metrics.jsonl on rank 0, one JSON object per step."""
 
@@ -326,12 +337,8 @@ def main(argv=None):
         metrics.log(**row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        stop = preempt.check()
-        if stop or step == total or step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0):
-            name = "final" if step == total else f"step_{step}"
-            save_checkpoint(model, optimizer, processor, out / name, {"step": step}, rank)
-        if stop:
-            print(f"sft: SIGTERM, saved {out / f'step_{step}'}; resume with --resume", file=sys.stderr)
+        due = step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0)
+        if save_if_due(preempt, model, optimizer, processor, out, step, total, rank, due):
             break
     bar.close()
     if dist.is_initialized():

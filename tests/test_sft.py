@@ -120,3 +120,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in r.stderr
     assert not out.exists() or not any(p.name != "metrics.jsonl" for p in out.iterdir())
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "sft.py", *ARGS, "--micro-batch", "4", "--epochs", "50",
+                             "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends before preempting
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = max(tmp_path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert "SIGTERM: saved" in err and f"--resume {last}" in err
+    assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(tmp_path))
+    assert (last / "config.json").exists() and (last / "train_state").is_dir()
+    assert not list(tmp_path.glob(".*tmp"))
