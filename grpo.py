@@ -105,8 +105,10 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.
 def sequence_batch(processor, rows, device):
     """Prompt + response token batches laid out as in generation: prompts left-padded to end at one column,
     responses right-padded after it. Returns model inputs, the response tokens and their mask."""
-    encodings = [generate.encode(processor, r["messages"]) for r in rows]
-    batch = generate.collate(encodings, processor.tokenizer.pad_token_id)
+    for r in rows:  # each row is laid out twice per step (old/ref log-probs, update): encode its prompt once
+        if "encoding" not in r:
+            r["encoding"] = generate.encode(processor, r["messages"])
+    batch = generate.collate([r["encoding"] for r in rows], processor.tokenizer.pad_token_id)
     width = max(len(r["token_ids"]) for r in rows)
     response = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width)

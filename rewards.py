@@ -19,6 +19,7 @@ killed past its deadline (any thread, any process; signals only work in the main
     python bench/bench_rewards.py                                              # answers/s, 1 process vs pool
 """
 import argparse
+import itertools
 import json
 import math
 import random
@@ -118,8 +119,7 @@ def normalize(s):
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("−", "-")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\s+degrees?\b", "", s)
     s = re.sub(r"\s*(\\%|%|\s+percent\b)", "", s)
-    s = s.strip().rstrip(".").strip()
-    stripped = s
+    s = stripped = s.strip().rstrip(".").strip()
     while (m := UNIT_AT_END.search(stripped)) and m.start() > 0:  # "125 miles", "10 cm^2": the number answers
         stripped = stripped[:m.start()]
     if stripped != s and NUMBER_LIKE.fullmatch(stripped.strip()):
@@ -137,6 +137,9 @@ FUNCTIONS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arct
 GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "iota",
          "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
          "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
+# One-token translations. e and i are Euler's number and the imaginary unit, as in competition answers.
+SIMPLE = {"\\pi": "pi", "\\infty": "oo", "\\infinity": "oo", "\\cdot": "*", "\\times": "*", "*": "*", "\\div": "/",
+          "e": "E", "i": "I", "+": "+", "-": "-", "/": "/", "(": "(", ")": ")", "!": "!", "[": "(", "]": ")"}
 TOKEN = re.compile(r"\\[a-zA-Z]+|\\.|\d+\.?\d*|\.\d+|[a-zA-Z]|\S")
 
 
@@ -180,7 +183,7 @@ def _translate(tokens, pos, stop, depth=0):
             inner, pos = _translate(tokens, pos, "}", depth + 1)
             out.append(f"({inner})")
             pos += 1
-        elif tok in ("}",):
+        elif tok == "}":
             raise NotMath("unbalanced braces")
         elif tok == "\\frac":
             num, pos = _argument(tokens, pos)
@@ -221,23 +224,13 @@ def _translate(tokens, pos, stop, depth=0):
             out.append(f"{name}({arg})" + (f"**{power}" if power else ""))
         elif tok.startswith("\\") and tok[1:] in GREEK:
             out.append(tok[1:] + "_")  # a symbol; the underscore keeps sympy from reading e.g. "beta" as a function
-        elif tok in ("\\pi",):
-            out.append("pi")
-        elif tok in ("\\infty", "\\infinity"):
-            out.append("oo")
-        elif tok in ("\\cdot", "\\times", "*"):
-            out.append("*")
-        elif tok == "\\div":
-            out.append("/")
         elif tok == "|":
             out.append(")" if abs_open else "Abs(")
             abs_open = not abs_open
-        elif tok in ("e", "i"):
-            out.append({"e": "E", "i": "I"}[tok])  # Euler's number and the imaginary unit, as in competition answers
-        elif re.fullmatch(r"\d+\.?\d*|\.\d+", tok) or re.fullmatch(r"[a-zA-Z]", tok):
+        elif tok in SIMPLE:
+            out.append(SIMPLE[tok])
+        elif re.fullmatch(r"\d+\.?\d*|\.\d+|[a-zA-Z]", tok):
             out.append(tok)
-        elif tok in ("+", "-", "/", "(", ")", "!", "[", "]"):
-            out.append({"[": "(", "]": ")"}.get(tok, tok))
         else:
             raise NotMath(f"unsupported {tok!r}")
     if stop is not None:
@@ -438,9 +431,9 @@ def structure(s):
     if s.startswith("\\{") and s.endswith("\\}"):
         return "set", split_top(s[2:-2])
     if len(s) > 2 and s[0] in "([" and s[-1] in ")]":
-        inner = s[1:-1]
-        if _balanced(inner):
-            parts = split_top(inner)
+        depth = list(itertools.accumulate(1 if c in "([{" else -1 if c in ")]}" else 0 for c in s[1:-1]))
+        if min(depth) >= 0 and depth[-1] == 0:  # the outer brackets enclose everything: "(1,2)", not "(1)+(2)"
+            parts = split_top(s[1:-1])
             if len(parts) > 1:
                 return ("tuple" if s[0] + s[-1] == "()" else "interval"), [s[0] + s[-1]] + parts
     parts = split_top(s, (",", ";", "\\text{ and }", " and "))
@@ -450,15 +443,6 @@ def structure(s):
         left, right = s.split("\\pm")
         return "pm", [f"{left}+{right}" if left.strip() else right, f"{left}-{right}" if left.strip() else f"-{right}"]
     return "scalar", [s]
-
-
-def _balanced(s):
-    depth = 0
-    for ch in s:
-        depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
-        if depth < 0:
-            return False
-    return depth == 0
 
 
 def _same_multiset(ps, gs, eq):
@@ -471,13 +455,19 @@ def _same_multiset(ps, gs, eq):
     return not remaining
 
 
-def _equal(p, g, rel_tol, depth=0):
+def text_equal(p, g):
+    """Normalized strings, then the same up to case and spacing: True / False, or None when undecided."""
     p, g = normalize(p), normalize(g)
     if not p or not g:
         return False
-    if re.sub(r"\s+", "", p).lower() == re.sub(r"\s+", "", g).lower():
-        return True
-    if max(len(p), len(g)) > MAX_CHARS or depth > 3:
+    return True if re.sub(r"\s+", "", p).lower() == re.sub(r"\s+", "", g).lower() else None
+
+
+def _equal(p, g, rel_tol, depth=0):
+    if (verdict := text_equal(p, g)) is not None:
+        return verdict
+    p, g = normalize(p), normalize(g)
+    if depth > 3:
         return False
     pk, pp = structure(p)
     gk, gp = structure(g)
@@ -524,11 +514,8 @@ def math_equal(pred, gold, rel_tol=REL_TOL, timeout=TIMEOUT):
     pred, gold = str(pred), str(gold)
     if len(pred) > MAX_CHARS or len(gold) > MAX_CHARS:
         return pred.strip() == gold.strip()
-    p, g = normalize(pred), normalize(gold)
-    if not p or not g:
-        return False
-    if re.sub(r"\s+", "", p).lower() == re.sub(r"\s+", "", g).lower():
-        return True  # most correct answers end here, without sympy
+    if (verdict := text_equal(pred, gold)) is not None:
+        return verdict  # most correct answers end here, without sympy
     return equal_with_deadline(pred, gold, rel_tol, timeout)
 
 
