@@ -9,6 +9,8 @@ Every stage imports this file; it holds no training logic. Three things live her
      `<think>...</think><answer>...</answer>` format and mask the loss to the assistant's tokens.
    - RL: Orz-math-57k (a JSON list of `[{from: human, value}, {from: assistant, ground_truth: {value}}]`),
      plus MedQA-style multiple-choice rows for the X-Reasoner-Med continuation.
+   - Evaluation: each benchmark's row (MMMU's string-repr options and image_1..7, MathVista's choices, ...)
+     reduced to one task dict; evaluate.py says which converter serves which benchmark.
    Malformed rows are counted and skipped with a message, never dropped silently.
 3. Model loading through `from_pretrained`, including `--model tiny`: a few-layer Qwen2.5-VL built once,
    offline, with the real transformers classes and the real processor, so every stage runs on a CPU through
@@ -18,11 +20,14 @@ Every stage imports this file; it holds no training logic. Three things live her
     python data.py --sft toy              # convert the toy SFT set and print its statistics
 """
 import argparse
+import ast
 import hashlib
 import json
 import os
+import re
 import sys
 import urllib.request
+import zlib
 from pathlib import Path
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,8 +74,8 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # Reading rows from the hub, a URL or a local file
 
-def read_rows(source, split="train", toy=None):
-    """Rows of a dataset as an iterable of dicts/lists: `toy`, a local file, a URL or a hub id."""
+def read_rows(source, split="train", toy=None, config=None):
+    """Rows of a dataset as an iterable of dicts/lists: `toy`, a local file, a URL or a hub id (+ config)."""
     if source == "toy":
         source = str(TOY[toy])
     path = Path(source)
@@ -98,10 +103,11 @@ def read_rows(source, split="train", toy=None):
         raise DataError(f"{source}: no such file")
     try:
         import datasets
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, config, split=split)
     except Exception as e:  # noqa: BLE001 - offline, typo, gated: all end in the same advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load {source!r}: not a local file, and the hub load failed ({first})") from e
+        name = f"{source}/{config}" if config else source
+        raise DataError(f"cannot load {name!r}: not a local file, and the hub load failed ({first})") from e
 
 
 def convert_rows(rows, parse, what):
@@ -110,7 +116,7 @@ def convert_rows(rows, parse, what):
     for row in rows:
         try:
             out.append(parse(row))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:  # OSError: images
             bad += 1
             first_error = first_error or f"{type(e).__name__}: {e}"
     if bad:
@@ -128,14 +134,97 @@ def format_options(options):
 
 
 def user_message(text, images=()):
-    return {"role": "user", "content": [*({"type": "image", "image": im} for im in images),
-                                        {"type": "text", "text": text}]}
+    """A user turn; image k goes where the text says <image k> (MMMU), the others before the text."""
+    parts, placed = [], set()
+    for piece in re.split(r"(<image \d+>)", text):
+        k = int(piece[7:-1]) - 1 if re.fullmatch(r"<image \d+>", piece) else None
+        if k is not None and k < len(images) and k not in placed:
+            parts.append({"type": "image", "image": images[k]})
+            placed.add(k)
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    first = [{"type": "image", "image": im} for k, im in enumerate(images) if k not in placed]
+    return {"role": "user", "content": first + parts}
 
 
 def eval_prompt(question, options=None, kind="mc"):
     """Appendix C: the multiple-choice template for option questions, the math template otherwise."""
     text = (EVAL_MC_PROMPT if kind == "mc" else EVAL_MATH_PROMPT).format(question=question)
     return text + OPTIONS_SUFFIX.format(options=format_options(options)) if options else text
+
+
+def options_list(value):
+    """Options as a list, from a list, a {letter: text} dict (MedQA) or a list's string repr (MMMU)."""
+    if isinstance(value, str):
+        value = ast.literal_eval(value) if value.strip() else []
+    if isinstance(value, dict):
+        return [value[k] for k in sorted(value) if value[k] is not None and str(value[k]).strip()]
+    return [str(o) for o in (value or [])]
+
+
+def load_image(value, root=None):
+    """An RGB PIL image from a decoded hub image, a {bytes, path} dict or a path (relative to `root`)."""
+    from PIL import Image
+    if hasattr(value, "convert"):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes"):
+        import io
+        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+    path = Path(value["path"] if isinstance(value, dict) else value)
+    path = path if path.is_absolute() or root is None else Path(root) / path
+    if not path.is_file():
+        raise FileNotFoundError(f"missing image {path}")
+    return Image.open(path).convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark rows (evaluate.py) -> one task dict: question, options, answer (a letter when there are options)
+
+def task(question, answer, options=None, images=(), pid=None, letter=True, open_ended=False):
+    """A benchmark row reduced to what the prompt and the judge need (`answer`: a letter when there are options)."""
+    if answer is None or str(answer).strip() == "":
+        raise ValueError("row has no answer")
+    options = options or None
+    answer = str(answer).strip()
+    if options and letter and not (len(answer) == 1 and "A" <= answer.upper() < LETTERS[len(options)]):
+        raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
+    return {"id": str(pid), "question": str(question).strip(), "options": options, "open": open_ended,
+            "answer": answer.upper() if options and letter else answer, "images": [i for i in images if i],
+            "kind": "mc" if options else "math"}
+
+
+def mmmu_task(row):  # MMMU and MMMU-Pro: options as a string repr, images in image_1..image_7
+    is_open = row.get("question_type") == "open"  # free form, judged by MMMU's parse_open_response
+    return task(row["question"], row["answer"], [] if is_open else options_list(row.get("options")),
+                [row.get(f"image_{k}") for k in range(1, 8)], row["id"], open_ended=is_open)
+
+
+def mathvista_task(row):  # the answer is a choice's text, not a letter
+    return task(row["question"] + (f" (Unit: {row['unit']})" if row.get("unit") else ""), row["answer"],
+                row.get("choices") if row["question_type"] == "multi_choice" else None,
+                [row.get("decoded_image") or row.get("image")], row["pid"], letter=False)
+
+
+def mmstar_task(row):  # options live in the question: "...\nOptions: A: x, B: y, C: z, D: w"
+    stem, _, opts = row["question"].rpartition("Options:")
+    options = [o.strip().rstrip(",").strip() for o in re.split(r"(?:^|,\s*)[A-F]:\s", opts.strip())[1:]]
+    return task(stem or row["question"], row["answer"], options, [row["image"]], row["index"])
+
+
+def omnimed_task(row):  # OmniMedVQA: option_A..option_D, the answer as the option's text
+    options = [row[f"option_{k}"] for k in "ABCDEF" if row.get(f"option_{k}") not in (None, "")]
+    answer = LETTERS[options.index(row["gt_answer"])]  # ValueError (counted) if the answer is no option
+    return task(row["question"], answer, options, [row["image_path"]], row["question_id"])
+
+
+def fields(question, answer, options=None, images=None, pid="id", strip=None):
+    """A task() maker for a schema given by field names (images: one path/image or a list of them)."""
+    def make(row):
+        ims = row.get(images) if images else None
+        q = row[question].split(strip)[0] if strip else row[question]
+        return task(q, row[answer], options_list(row.get(options)) if options else None,
+                    ims if isinstance(ims, list) else [ims], row.get(pid, zlib.crc32(row[question].encode())))
+    return make
 
 
 # ----------------------------------------------------------------------------------------------------

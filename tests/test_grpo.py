@@ -162,7 +162,7 @@ def test_logprobs_after_generation_ignore_cached_rotary_state(model, processor):
 
 
 def run(args, nproc):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1
            else [sys.executable]) + ["grpo.py", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -14,7 +14,7 @@ ARGS = ["--model", "tiny", "--data", "toy", "--global-batch", "8", "--lr", "1e-3
 
 
 def run(args, nproc=1):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1
            else [sys.executable]) + ["sft.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

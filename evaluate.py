@@ -1,0 +1,542 @@
+"""Stage 3: evaluate any checkpoint on the paper's benchmarks (Table 7) with its prompts and rule-based scores.
+
+    python evaluate.py --bench mathvista                               # base model, the paper's protocol
+    python evaluate.py --bench all --model runs/grpo/final --compare   # every benchmark, paper numbers beside
+    torchrun --nproc_per_node 8 evaluate.py --bench mmmu-pro,medqa --model runs/grpo/final
+    python evaluate.py --bench mathvista,mmmu,medqa --model tiny --data toy   # offline, on CPU
+
+Protocol (§3, appendix C): the multiple-choice template for questions with options, the math template
+otherwise; images as chat image parts; greedy decoding; forced exit after 4,096 thinking tokens. Each
+benchmark is one entry in BENCHMARKS (where its rows come from, how a row becomes a prompt, how a response is
+judged). Judging is by rules, never by another model: an answer in <answer> tags is read with rewards.py;
+untagged prose falls back to each benchmark's official rules (MMMU's parser, MathVista's normalisation),
+made deterministic: where an official scorer guesses at random, we count the item wrong.
+
+Outputs in --out: <bench>.jsonl (one line per sample, appended as it goes, so a rerun resumes),
+summary.json, results.md. Deliberate simplifications: MathVista's official GPT-4 answer extraction is
+replaced by rules (answer phrases, option mentions, last number); --out must be on a filesystem all ranks share.
+"""
+import argparse
+import ast
+import json
+import re
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import data
+from rewards import choice_letter, extract_answer, last_boxed, math_equal
+
+# ----------------------------------------------------------------------------------------------------
+# The benchmarks
+
+MMMU_SUBJECTS = ("Accounting Agriculture Architecture_and_Engineering Art Art_Theory Basic_Medical_Science Biology "
+                 "Chemistry Clinical_Medicine Computer_Science Design Diagnostics_and_Laboratory_Medicine Economics "
+                 "Electronics Energy_and_Power Finance Geography History Literature Manage Marketing Materials Math "
+                 "Mechanical_Engineering Music Pharmacy Physics Psychology Public_Health Sociology").split()
+HEALTH = "Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Medicine Pharmacy Public_Health".split()
+TOY_EVAL = {"mathvista": data.TOY["mathvista"], "mmmu": data.TOY_DIR / "mmmu.json",
+            "mmmu-pro": data.TOY_DIR / "mmmu_pro.json", "medqa": data.TOY_DIR / "medqa.jsonl",
+            "mmlu-pro": data.TOY_DIR / "mmlu_pro.json"}
+# Accuracy (%) of Qwen2.5-VL-7B-Instruct and X-Reasoner as the paper reports them; others left blank.
+PAPER = {"mathvista": (62.8, 69.0), "mmmu": (53.0, 56.4), "mmmu-pro": (38.7, 43.0), "medqa": (56.3, 62.3)}
+
+
+def bench(hub, split, n, make, configs=(None,), **extra):
+    return {"hub": hub, "split": split, "n": n, "task": make, "configs": list(configs)} | extra
+
+
+def subject_of(row):
+    return (row.get("subject") or re.sub(r"^[a-z]+_|_\d+$", "", str(row.get("id", "")))).replace(" ", "_")
+
+
+MMLU_PRO = bench("TIGER-Lab/MMLU-Pro", "test", 12032, data.fields("question", "answer", "options", pid="question_id"))
+MMMU = bench("MMMU/MMMU", "validation", 900, data.mmmu_task, MMMU_SUBJECTS)
+MMMU_PRO = bench("MMMU/MMMU_Pro", "test", 1730, data.mmmu_task, ["standard (10 options)"])
+BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the dataset cards
+    "gsm8k": bench("openai/gsm8k", "test", 1319, lambda r: data.task(
+        r["question"], r["answer"].split("####")[-1].strip().replace(",", ""), pid=zlib.crc32(r["question"].encode())),
+        ["main"]),
+    "mmlu-pro": MMLU_PRO,
+    "mmmu": MMMU,
+    "mmmu-pro": MMMU_PRO,
+    "mmstar": bench("Lin-Chen/MMStar", "val", 1500, data.mmstar_task),
+    "mathvista": bench("AI4Math/MathVista", "testmini", 1000, data.mathvista_task),
+    "mathvision": bench("MathLLMs/MathVision", "test", 3040, lambda r: data.fields(
+        "question", "answer", "options", "decoded_image" if r.get("decoded_image") else "image")(r)),
+    "medqa": bench("GBaker/MedQA-USMLE-4-options", "test", 1273, data.fields("question", "answer_idx", "options")),
+    "mmlu-pro-health": MMLU_PRO | {"n": 818, "keep": lambda r: r.get("category") == "health"},
+    "mmmu-health": MMMU | {"configs": HEALTH, "n": 150, "keep": lambda r: subject_of(r) in HEALTH},
+    "mmmu-pro-health": MMMU_PRO | {"n": 286, "keep": lambda r: subject_of(r) in HEALTH},
+    # MedXpertQA MM: images are file names inside the dataset's images.zip (unzip it, pass --image-root)
+    "medxpertqa-mm": bench("TsinghuaC3I/MedXpertQA", "test", 2000, data.fields(
+        "question", "label", "options", "images", strip="\nAnswer Choices:"), ["MM"]),
+    # OmniMedVQA's open-access QA JSON files (local only): a fixed seeded sample of 1,000, as in the paper.
+    "omnimedvqa": bench(None, None, 1000, data.omnimed_task, sample=1000),
+    # NEJM Image Challenge (local JSONL): {"id", "question", "options": [..] or {A: ..}, "answer": letter, "image"}
+    "nejm": bench(None, None, 947, data.fields("question", "answer", "options", "image")),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Judging: the official rules, made deterministic
+
+def official_choice(response, options):
+    """MMMU-Pro's parse_multi_choice_response (mmmu-pro/evaluate.py), minus its random guess: None instead."""
+    letters = list(data.LETTERS[:len(options)])
+    last = response.rfind("Answer:")
+    if last != -1:
+        named = [c for c in letters if c in response[last + len("Answer:"):].strip()]
+        if len(named) == 1:
+            return named[0]
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = f" {response} "
+    candidates = [c for c in letters if f"({c})" in response]
+    brackets = bool(candidates)
+    candidates = candidates or [c for c in letters if f"{c} " in response] or [c for c in letters if f"{c}." in response]
+    by_text = False
+    if not candidates and len(response.split()) > 5:
+        candidates = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
+        by_text = True
+    if not candidates:
+        return None
+    if by_text:  # several: the one mentioned last
+        return max(candidates, key=lambda c: response.lower().rfind(options[letters.index(c)].lower()))
+    return max(candidates, key=lambda c: response.rfind(f"({c})" if brackets else f" {c} "))
+
+
+def tagged(response):
+    return "<answer>" in response or "</think>" in response or last_boxed(response) is not None
+
+
+def still_thinking(response):
+    return "<think>" in response and "</think>" not in response
+
+
+def judge_choice(response, options, answer):
+    """(the letter picked, correct?). Our format (<answer>, </think>) is read with rewards.choice_letter first;
+    other prose with MMMU-Pro's parser first, then a \\boxed{} or "the answer is" if that finds nothing."""
+    if still_thinking(response):
+        return None, False
+    ours = "<answer>" in response or "</think>" in response
+    prose = response.rsplit("</think>", 1)[-1]
+    extracted = extract_answer(response) or ""
+    read_tags = lambda: choice_letter(extracted, options) or official_choice(extracted, options)  # noqa: E731
+    letter = (read_tags() or official_choice(prose, options)) if ours else (official_choice(prose, options)
+                                                                         or choice_letter(extracted, options))
+    return letter, letter == answer
+
+
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<![\w.])-?\.\d+")
+WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
+ANSWER_IS = re.compile(r"answer\b[^.\n]{0,40}?(?:\bis\b|:|=)", re.IGNORECASE)
+CHOICE_IS = re.compile(r"(?:answer|option|choice)\b[^.\n]{0,40}?(?:\bis\b|:|=)", re.IGNORECASE)
+
+
+def numbers(text):
+    text = re.sub(r"\b(" + "|".join(WORDS) + r")\b", lambda m: WORDS[m.group(1).lower()], text, flags=re.IGNORECASE)
+    return [n.replace(",", "") for n in NUMBER.findall(text)]
+
+
+def prose_number(text):
+    """The final number of untagged prose: the first after the last "answer is", else the last of all."""
+    phrases = list(ANSWER_IS.finditer(text))
+    if phrases:
+        tail = numbers(text[phrases[-1].end():].split("\n")[0])
+        if tail:
+            return tail[0]
+    found = numbers(text)
+    return found[-1] if found else None
+
+
+def judge_math(response, answer):
+    """Free-form answers: rewards.math_equal on the tagged answer, or on the final number of untagged prose."""
+    if still_thinking(response):
+        return None, False
+    extracted = extract_answer(response)
+    if extracted is None:
+        return None, False
+    if not tagged(response) and len(extracted.split()) > 3 and not math_equal(extracted, answer):
+        extracted = prose_number(extracted) or extracted
+    return extracted, math_equal(extracted, answer)
+
+
+def edit_distance(a, b):
+    a, b = a[:1000], b[:1000]  # bounded time: no option is that long
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def mathvista_normalize(extraction, row):
+    """MathVista's normalize_extracted_answer (evaluation/calculate_score.py), rule for rule."""
+    choices = row.get("choices") or []
+    if row["question_type"] == "multi_choice":
+        extraction = str(extraction).strip()
+        letter = re.findall(r"\(([a-zA-Z])\)", extraction)
+        if letter:
+            extraction = letter[0].upper()
+        letters = list(data.LETTERS[:len(choices)])
+        if extraction in letters:
+            return choices[letters.index(extraction)]
+        distances = [edit_distance(extraction, c) for c in choices]  # nearest choice, first on ties
+        return choices[distances.index(min(distances))]
+    try:
+        if row["answer_type"] == "integer":
+            return str(int(float(extraction)))
+        if row["answer_type"] == "float":
+            return str(round(float(extraction), int(row["precision"])))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return str(extraction)  # list
+
+
+def mathvista_extract(response, row):
+    """Our stand-in for MathVista's GPT-4 extraction: the answer the response gives, as a letter or number."""
+    text, choices = response.strip(), row.get("choices") or []
+    multi = row["question_type"] == "multi_choice"
+    if not text or still_thinking(text):
+        return ""
+    if multi and text in choices:
+        return text
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return text
+    if tagged(text):
+        text = extract_answer(text) or ""
+        if multi:  # a choice's own text -> its letter: the official rules read "(b)" as option B
+            return data.LETTERS[choices.index(text)] if text in choices else choice_letter(text, choices) or text
+        return text if row["answer_type"] == "list" else (prose_number(text) or text)
+    if multi:  # untagged: the last "answer/option is X" that names a choice, a final bare letter, "(X)", a text
+        letters = data.LETTERS[:len(choices)]
+        for phrase in reversed(list(CHOICE_IS.finditer(text))):  # the phrase must be followed by the choice
+            tail = text[phrase.end():].split("\n")[0].replace("*", "").strip(" .:")
+            if m := re.match(rf"\(?([{letters}])\)?(?!\w)", tail):
+                return m.group(1)
+            if named := [c for c in choices if re.match(rf"{re.escape(str(c))}(?!\w)", tail, re.IGNORECASE)]:
+                return letters[choices.index(max(named, key=len))]
+        last_line = re.sub(r"[*().:\s]", "", text.splitlines()[-1])
+        if len(last_line) == 1 and last_line in letters:
+            return last_line
+        if in_brackets := re.findall(rf"\(([{letters}])\)", text):
+            return in_brackets[-1]
+        mentioned = [(m.end(), len(c), c) for c in choices if str(c).strip()
+                     for m in re.finditer(rf"(?<!\w){re.escape(str(c))}(?!\w)", text, re.IGNORECASE)]
+        if mentioned:
+            return letters[choices.index(max(mentioned)[2])]
+        numeric = any(re.search(r"\d", str(c)) for c in choices)  # then the nearest choice to the final number
+        return (numeric and prose_number(text)) or text.splitlines()[-1]
+    if row["answer_type"] == "list" and (lists := re.findall(r"\[[^\[\]]*\]", text)):
+        return lists[-1]
+    return prose_number(text) or ""
+
+
+def judge_mathvista(response, row):
+    extraction = mathvista_extract(response, row)
+    if row["answer_type"] == "list":  # written as the answers are: "[2014, 2016]"
+        extraction = "[" + ", ".join(numbers(extraction)) + "]"
+    prediction = mathvista_normalize(extraction, row)
+    return extraction, prediction == row["answer"]
+
+
+def mmmu_normalize(s):
+    """MMMU's normalize_str: numbers to floats rounded to 2 decimals, other strings lower-cased."""
+    s = str(s).strip()
+    try:
+        return [round(float(s.replace(",", "")), 2)]
+    except ValueError:
+        s = s.lower()
+        return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+def mmmu_open_predictions(response):
+    """MMMU's parse_open_response: the tails of the key sentences plus every number in them."""
+    response = response.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys, indicators = [], ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+    for i, sentence in enumerate(sentences):
+        shortest = None  # the shortest tail; as in the original, an empty tail does not count as found
+        for ind in indicators + (["="] if i == len(sentences) - 1 else []):
+            tail = sentence.split(ind)[-1].strip() if ind in sentence else None
+            if tail is not None and (not shortest or len(tail) < len(shortest)):
+                shortest = tail
+        if shortest and shortest not in [":", ",", ".", "!", "?", ";", "'"]:
+            keys.append(shortest)
+    keys = keys or [response]
+    found = [n for k in keys for n in re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", k)
+             + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", k)
+             + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", k)]
+    return [p for s in keys + found for p in mmmu_normalize(s)]
+
+
+def judge_mmmu_open(response, answer):
+    """MMMU's eval_open: a gold number must equal a predicted number; a gold string must occur in a prediction."""
+    if still_thinking(response):
+        return None, False
+    text = (extract_answer(response) or "") if tagged(response) else response
+    golds = ast.literal_eval(answer) if answer.strip().startswith("[") else [answer]
+    norm = [g for gold in golds for g in mmmu_normalize(gold)]
+    preds = mmmu_open_predictions(text)
+    correct = any((p in norm) if not isinstance(p, str) else any(isinstance(g, str) and g in p for g in norm)
+                  for p in preds)
+    return text.strip()[:200], correct
+
+
+def judge(bench, response, row):
+    """(extracted answer, correct?) for one response to one raw benchmark row."""
+    spec, response = BENCHMARKS[bench], response or ""
+    if bench == "mathvista":
+        return judge_mathvista(response, row)
+    t = spec["task"](row)
+    if t["open"]:
+        return judge_mmmu_open(response, t["answer"])
+    if t["options"]:
+        return judge_choice(response, t["options"], t["answer"])
+    return judge_math(response, t["answer"])
+
+
+def score(bench, response, item):
+    """True if `response` answers the raw hub-schema row `item` of benchmark `bench` correctly."""
+    if bench not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {bench!r}; known: {', '.join(BENCHMARKS)}")
+    return bool(judge(bench, response, item)[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows -> prompts
+
+def load_tasks(bench, source, image_root=None):
+    """(tasks with images loaded, raw rows by id); malformed rows and missing images are counted, then skipped."""
+    spec = BENCHMARKS[bench]
+    if source is None and spec["hub"] is None:
+        raise data.DataError(f"{bench}: no public hub copy; pass --data {bench}=PATH (schema in evaluate.py)")
+    if source == "toy":
+        if bench not in TOY_EVAL:
+            raise data.DataError(f"{bench}: no toy fixture (toy fixtures: {', '.join(TOY_EVAL)})")
+        source = str(TOY_EVAL[bench])
+    if source is not None:
+        files = sorted(p for p in Path(source).glob("*") if p.suffix in (".json", ".jsonl", ".parquet")) \
+            if Path(source).is_dir() else [source]
+        rows = [r for f in files for r in data.read_rows(str(f))]
+        root = image_root or (source if Path(source).is_dir() else Path(source).parent)
+    else:
+        rows = [r for c in spec["configs"] for r in data.read_rows(spec["hub"], spec["split"], config=c)]
+        root = image_root
+    rows = [r for r in rows if spec.get("keep", lambda r: True)(r)]
+    if source is None and len(rows) != spec["n"]:
+        print(f"{bench}: {len(rows)} rows where the dataset card has {spec['n']}", file=sys.stderr)
+    if spec.get("sample") and len(rows) > spec["sample"]:
+        import random
+        rows = random.Random(0).sample(rows, spec["sample"])
+
+    def convert(row):
+        t = spec["task"](row)
+        return t | {"images": [data.load_image(im, root) for im in t["images"]], "row": row}
+    tasks = data.convert_rows(rows, convert, bench)
+    if len({t["id"] for t in tasks}) != len(tasks):
+        raise data.DataError(f"{bench}: item ids are not unique")
+    return tasks, len(rows) - len(tasks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results: per-sample JSONL (resumable), summary, table
+
+def read_records(out, bench):
+    records, bad = {}, 0
+    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                records[(r["id"], r["sample"])] = r
+            except (json.JSONDecodeError, KeyError):
+                bad += 1  # a line cut short by a crash: that sample is generated again
+    if bad:
+        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
+    return records
+
+
+def summarize(bench, records, k, skipped):
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    n = len(by_id)
+
+    def majority(samples):  # maj@K: the most frequent extracted answer (first seen on ties)
+        votes = Counter(s["extracted"] for s in samples if s["extracted"] not in (None, ""))
+        return bool(votes) and any(s["correct"] for s in samples if s["extracted"] == votes.most_common(1)[0][0])
+    pct = lambda x: round(100 * x / max(n, 1), 2)  # noqa: E731
+    return {"bench": bench, "n": n, "samples": k, "skipped": skipped,
+            "accuracy": round(100 * sum(r["correct"] for r in records) / max(len(records), 1), 2),
+            f"maj@{k}": pct(sum(majority(s) for s in by_id.values())),
+            f"pass@{k}": pct(sum(any(x["correct"] for x in s) for s in by_id.values())),
+            "forced_exit_pct": round(100 * sum(r["finish_reason"] == "forced_exit" for r in records)
+                                     / max(len(records), 1), 2),
+            "mean_words": round(sum(r["words"] for r in records) / max(len(records), 1), 1),
+            "paper": PAPER.get(bench)}
+
+
+def table(summaries, compare):
+    k = summaries[0]["samples"] if summaries else 1
+    head = ["benchmark", "n", "accuracy" if k == 1 else f"avg@{k}"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
+    head += ["forced exit %", "words"] + (["paper Qwen2.5-VL-7B", "paper X-Reasoner"] if compare else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [s["bench"], s["n"], s["accuracy"]] + ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else [])
+        cells += [s["forced_exit_pct"], s["mean_words"]]
+        cells += list(s["paper"] or ("—", "—")) if compare else []
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def read_ids(path):
+    text = Path(path).read_text()
+    return set(map(str, json.loads(text))) if text.lstrip().startswith("[") else set(text.split())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # what to evaluate
+    ap.add_argument("--bench", default="all", help=f"comma-separated, or all: {', '.join(BENCHMARKS)}")
+    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny`")
+    ap.add_argument("--data", action="append", default=[],
+                    help="PATH (one benchmark), BENCH=PATH (repeatable), or toy; default: the hub copy")
+    ap.add_argument("--image-root", help="directory that relative image paths are under (default: the data's)")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
+    ap.add_argument("--out", default="runs/eval")
+    # protocol (paper §3: greedy, 4,096 tokens, forced exit; 5 samples at 0.3 for the sampling study)
+    ap.add_argument("--samples", type=int, default=1, help="K samples per item: avg@K, maj@K, pass@K")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--think-budget", type=int, default=4096, help="forced exit after this many tokens (0: off)")
+    ap.add_argument("--answer-budget", type=int, default=512, help="tokens allowed after a forced exit")
+    ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution bounds (X-Reasoner-7B's card)")
+    ap.add_argument("--max-pixels", type=int, default=262144)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    # the text-only ablation (paper Table 6)
+    ap.add_argument("--no-image", action="store_true", help="drop every image from the prompts")
+    ap.add_argument("--text-solvable-out", help="write the ids answered correctly in all K samples")
+    ap.add_argument("--exclude-ids", help="file of ids (one per line or a JSON list) to leave out")
+    ap.add_argument("--compare", action="store_true", help="add the paper's numbers to the table")
+    return ap.parse_args(argv)
+
+
+def sources(args, benches):
+    out = {}
+    for entry in args.data:
+        name, sep, path = entry.partition("=")
+        if sep and name in BENCHMARKS:
+            out[name] = path
+        elif entry == "toy" or len(benches) == 1:
+            out.update({b: entry for b in benches})
+        else:
+            raise data.DataError(f"--data {entry}: with several benchmarks, write BENCH=PATH")
+    return out
+
+
+def evaluate_bench(bench, source, args, model, processor, rank, world):
+    from generate import generate, shard
+    from sft import barrier
+    from tqdm import tqdm
+    tasks, skipped = load_tasks(bench, source, args.image_root)
+    if args.exclude_ids:
+        excluded = read_ids(args.exclude_ids)
+        tasks = [t for t in tasks if t["id"] not in excluded]
+    tasks = tasks[:args.limit] if args.limit else tasks
+    out, meta = Path(args.out), Path(args.out) / f"{bench}.settings.json"
+    settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "think_budget", "answer_budget",
+                                              "no_image", "min_pixels", "max_pixels", "seed")}
+    if meta.exists() and json.loads(meta.read_text()) != settings:  # every rank stops, none waits alone
+        raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
+    barrier()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(settings, indent=1))
+    done = read_records(out, bench)
+    todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
+    path = out / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
+    chunk = args.batch_size * 4
+    with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
+        if f.tell() and not path.read_bytes().endswith(b"\n"):
+            f.write("\n")  # end the line a crash cut short; read_records skips it
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            seeds = [args.seed * 1_000_003 + zlib.crc32(f"{t['id']}/{k}".encode()) for t, k in part]
+            chats = [[data.user_message(data.eval_prompt(t["question"], t["options"], t["kind"]),
+                                        [] if args.no_image else t["images"])] for t, _ in part]
+            completions = generate(model, processor, chats, max_new_tokens=args.think_budget + args.answer_budget,
+                                   temperature=args.temperature, top_p=args.top_p, seed=seeds,
+                                   think_budget=args.think_budget or None, answer_budget=args.answer_budget,
+                                   batch_size=args.batch_size)
+            for (t, k), c in zip(part, completions):
+                extracted, correct = judge(bench, c.text, t["row"])
+                f.write(json.dumps({"id": t["id"], "sample": k, "response": c.text, "extracted": extracted,
+                                    "correct": bool(correct), "finish_reason": c.finish_reason,
+                                    "tokens": c.num_tokens, "words": len(c.text.split())}) + "\n")
+            f.flush()  # what is on disk is kept by a rerun
+            bar.update(len(part))
+    barrier()
+    if rank != 0:
+        return None
+    ids = {t["id"] for t in tasks}
+    records = [r for key, r in read_records(out, bench).items() if key[0] in ids and key[1] < args.samples]
+    if args.text_solvable_out:
+        by_id = {}
+        for r in records:
+            by_id.setdefault(r["id"], []).append(r["correct"])
+        solved = sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c))
+        Path(args.text_solvable_out).write_text("".join(f"{i}\n" for i in solved))
+    return summarize(bench, records, args.samples, skipped)
+
+
+def main(argv=None):
+    import torch
+    from sft import setup_distributed
+    args = parse_args(argv)
+    benches = list(BENCHMARKS) if args.bench == "all" else [b.strip() for b in args.bench.split(",") if b.strip()]
+    unknown = [b for b in benches if b not in BENCHMARKS]
+    if unknown:
+        raise data.DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    given = sources(args, benches)
+    rank, world, device = setup_distributed()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = data.load_model(args.model, dtype=dtype, device=device).eval()
+    processor = data.load_processor(args.model)
+    if args.max_pixels:
+        processor.image_processor.size = {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
+    summaries, failed = [], []
+    for bench in benches:
+        try:
+            s = evaluate_bench(bench, given.get(bench), args, model, processor, rank, world)
+        except data.DataError as e:  # one unavailable benchmark does not cost the others' results
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(bench)
+            continue
+        if s:
+            summaries.append(s)
+            print(f"{bench}: {s['accuracy']}% of {s['n']}", file=sys.stderr)
+    if rank == 0 and summaries:
+        out = Path(args.out)
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        summary.update({s["bench"]: s for s in summaries})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (out / "results.md").write_text(table(list(summary.values()), args.compare) + "\n")
+        print(table(summaries, args.compare))
+    if failed:
+        raise data.DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
+    return summaries
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
