@@ -310,8 +310,9 @@ def score(bench, response, item):
 # ----------------------------------------------------------------------------------------------------
 # Rows -> prompts
 
-def load_tasks(bench, source, image_root=None):
-    """(tasks with images loaded, raw rows by id); malformed rows and missing images are counted, then skipped."""
+def load_tasks(bench, source, image_root=None, images=True, exclude=(), limit=None):
+    """(tasks with images loaded, rows skipped): malformed rows and missing images are counted, then skipped.
+    `exclude` (ids) and `limit` (first N rows) apply before any image is read."""
     spec = BENCHMARKS[bench]
     if source is None and spec["hub"] is None:
         raise data.DataError(f"{bench}: no public hub copy; pass --data {bench}=PATH (schema in evaluate.py)")
@@ -333,10 +334,17 @@ def load_tasks(bench, source, image_root=None):
     if spec.get("sample") and len(rows) > spec["sample"]:
         import random
         rows = random.Random(0).sample(rows, spec["sample"])
+    if exclude or limit:
+        def wanted(row):
+            try:
+                return spec["task"](row)["id"] not in exclude
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                return True  # malformed: convert_rows counts it
+        rows = [r for r in rows if wanted(r)][:limit]
 
     def convert(row):
         t = spec["task"](row)
-        return t | {"images": [data.load_image(im, root) for im in t["images"]], "row": row}
+        return t | {"images": [data.load_image(im, root) for im in t["images"]] if images else [], "row": row}
     tasks = data.convert_rows(rows, convert, bench)
     if len({t["id"] for t in tasks}) != len(tasks):
         raise data.DataError(f"{bench}: item ids are not unique")
@@ -408,8 +416,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny`")
     ap.add_argument("--data", action="append", default=[],
                     help="PATH (one benchmark), BENCH=PATH (repeatable), or toy; default: the hub copy")
-    ap.add_argument("--image-root", help="directory that relative image paths are under (default: the data's)")
-    ap.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
+    ap.add_argument("--image-root", help="directory that relative image paths are under (default: the data's); "
+                    "missing images skip their items, or use --no-image")
+    ap.add_argument("--limit", type=int, default=None, help="first N rows of each benchmark")
     ap.add_argument("--out", default="runs/eval")
     # protocol (paper §3: greedy, 4,096 tokens, forced exit; 5 samples at 0.3 for the sampling study)
     ap.add_argument("--samples", type=int, default=1, help="K samples per item: avg@K, maj@K, pass@K")
@@ -446,11 +455,8 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     from generate import generate, shard
     from sft import barrier
     from tqdm import tqdm
-    tasks, skipped = load_tasks(bench, source, args.image_root)
-    if args.exclude_ids:
-        excluded = read_ids(args.exclude_ids)
-        tasks = [t for t in tasks if t["id"] not in excluded]
-    tasks = tasks[:args.limit] if args.limit else tasks
+    exclude = read_ids(args.exclude_ids) if args.exclude_ids else set()
+    tasks, skipped = load_tasks(bench, source, args.image_root, not args.no_image, exclude, args.limit)
     out, meta = Path(args.out), Path(args.out) / f"{bench}.settings.json"
     settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "think_budget", "answer_budget",
                                               "no_image", "min_pixels", "max_pixels", "seed")}

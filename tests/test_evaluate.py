@@ -324,8 +324,15 @@ def test_samples_no_image_and_text_solvable(tmp_path):
     assert solvable.read_text().split() == sorted(i for i, c in by_id.items() if all(c))
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("1\n2\n5\n")
-    (s,) = run_eval(tmp_path / "rest", "--bench", "mathvista", "--exclude-ids", str(exclude))
-    assert s["n"] == 6
+    (s,) = run_eval(tmp_path / "rest", "--bench", "mathvista", "--exclude-ids", str(exclude), "--limit", "4")
+    ids = {i for i, _ in ev.read_records(tmp_path / "rest", "mathvista")}
+    assert s["n"] == 4 and ids == {"4", "10", "19", "74"}  # the first four after the exclusion
+    # annotations without their images (e.g. ../shared/data): --no-image never opens them
+    rows = {k: dict(v, image=f"images/missing_{k}.png") for k, v in MATHVISTA.items()}
+    (tmp_path / "annotations.json").write_text(json.dumps(rows))
+    (s,) = ev.main(FAST[:2] + ["--bench", "mathvista", "--data", str(tmp_path / "annotations.json"), "--no-image",
+                               "--think-budget", "8", "--out", str(tmp_path / "ann")])
+    assert s["n"] == 9 and s["skipped"] == 0
 
 
 def test_bad_input_is_counted_not_fatal(tmp_path, capsys):
