@@ -290,8 +290,7 @@ def parse_rl_row(row):
     if isinstance(row, list):  # Orz: [{from: human, value}, {from: assistant, ground_truth: {value}}]
         question, answer, options = row[0]["value"], row[1]["ground_truth"]["value"], None
     elif "options" in row:  # MedQA-USMLE: question, options {A: text}, answer_idx
-        options = row["options"]
-        options = [options[k] for k in sorted(options)] if isinstance(options, dict) else list(options)
+        options = options_list(row["options"])
         question, answer = row["question"], row.get("answer_idx") or row["answer"]
     else:
         question, answer, options = row["question"], row["answer"], None
