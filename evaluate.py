@@ -462,10 +462,12 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
                                               "no_image", "min_pixels", "max_pixels", "seed")}
     if meta.exists() and json.loads(meta.read_text()) != settings:  # every rank stops, none waits alone
         raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
-    barrier()
+    out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
+    barrier()  # all ranks have read the old settings before rank 0 replaces them
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(settings, indent=1))
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.replace(meta)
     done = read_records(out, bench)
     todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = out / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
