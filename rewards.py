@@ -60,9 +60,15 @@ def last_boxed(text):
 ANSWER_PHRASE = re.compile(r"(?:final answer is|the answer is|answer\s*:)\s*(.+)", re.IGNORECASE)
 
 
-def extract_answer(response):
-    """The final answer a model gave, or None when there is none (e.g. it never left <think>)."""
+def extract_answer(response, require_tags=False):
+    """The final answer a model gave, or None when there is none (e.g. it never left <think>).
+
+    require_tags: only an answer written inside <answer>...</answer> counts (GRPO's reward: the training prompt of
+    appendix C asks for the tags, so a response without them has given no answer). Evaluation leaves it off and
+    reads untagged prose too, as the benchmarks' official parsers do."""
     if not response:
+        return None
+    if require_tags and not re.search(r"<answer>.*?</answer>", response, re.S):
         return None
     start = response.rfind("<answer>")
     if start >= 0:
@@ -115,6 +121,7 @@ def normalize(s):
     s = re.sub(r"\\(?:text|textnormal|textbf|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)\b\s*", "", s).replace("\\displaystyle", "")
     s = re.sub(r"(\d),\\!\s*(\d)", r"\1,\2", s).replace("{,}", ",")  # 11,\! 111 is a thousands separator
+    s = re.sub(r"(\d)\\[,!;: ](?=\d{3}(?!\d))", r"\1", s)  # 1\,234\,567: a thin space between digit groups
     s = re.sub(r"(?<!\\)\\[,!;: ]|\\quad|\\qquad|~", " ", s)  # not the "\\" row break of a matrix
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("−", "-")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\s+degrees?\b", "", s)
@@ -519,9 +526,9 @@ def math_equal(pred, gold, rel_tol=REL_TOL, timeout=TIMEOUT):
     return equal_with_deadline(pred, gold, rel_tol, timeout)
 
 
-def math_reward(response, gold):
+def math_reward(response, gold, require_tags=False):
     """Paper §2.2: 1.0 if the response's final answer is equivalent to the ground truth, else 0.0."""
-    answer = extract_answer(response)
+    answer = extract_answer(response, require_tags)
     return float(answer is not None and math_equal(answer, gold))
 
 
@@ -553,9 +560,9 @@ def choice_letter(answer, options):
     return contained[0] if len(contained) == 1 else None
 
 
-def choice_reward(response, options, answer):
+def choice_reward(response, options, answer, require_tags=False):
     """1.0 if the response's final answer picks the gold letter `answer`, by letter or by the option's text."""
-    extracted = extract_answer(response)
+    extracted = extract_answer(response, require_tags)
     return float(extracted is not None and choice_letter(extracted, options) == str(answer).strip().upper())
 
 
@@ -566,16 +573,18 @@ _POOL = None
 
 
 def _score(item):
-    response, gold, options = item
-    return choice_reward(response, options, gold) if options else math_reward(response, gold)
+    response, gold, options, require_tags = item
+    return choice_reward(response, options, gold, require_tags) if options else math_reward(response, gold, require_tags)
 
 
-def batch_rewards(responses, golds, options=None, processes=4):
+def batch_rewards(responses, golds, options=None, processes=4, require_tags=False):
     """Rewards for many responses at once. Each of `processes` threads drives its own helper process, so the
-    sympy work runs in parallel, and every comparison keeps its own deadline."""
+    sympy work runs in parallel, and every comparison keeps its own deadline. `options`: per response, None
+    (math: math_equal) or the option texts (multiple choice: the gold is a letter). `require_tags`: see
+    extract_answer."""
     global _POOL
     from concurrent.futures import ThreadPoolExecutor
-    items = list(zip(responses, golds, options or [None] * len(golds)))
+    items = [(r, g, o, require_tags) for r, g, o in zip(responses, golds, options or [None] * len(golds))]
     if processes <= 1:
         return [_score(it) for it in items]
     if _POOL is None or _POOL._max_workers != processes:  # threads (and their helpers) live across calls

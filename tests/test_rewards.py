@@ -52,6 +52,12 @@ EQUAL = [
     ("Red", "red"), ("\\text{(C)}", "C"), ("(B)", "B"), ("north east", "North East"), ("\\text{Yes}", "yes"),
     # equations as equations
     ("2x+4y-3=0", "y=-\\frac12 x+\\frac34"), ("y = 2x + 1", "2x - y + 1 = 0"), ("x^2+y^2=1", "2x^2+2y^2=2"),
+    # thousands separators inside math mode, where the answer is a single number
+    ("$1,234,567$", "1234567"), ("1\\,234\\,567", "1234567"), ("1{,}234{,}567", "1234567"), ("1\\,000\\,000", "10^6"),
+    ("$12{,}345.5$", "12345.5"), ("\\boxed{2\\,500}", "2500"), ("\\$1{,}000", "1000"),
+    # a choice letter wrapped in formatting inside \boxed{}
+    ("\\boxed{\\text{C}}", "C"), ("\\boxed{\\textbf{(B)}}", "B"), ("\\boxed{\\mathrm{A}}", "A"), ("\\boxed{(D)}", "D"),
+    ("\\boxed{\\text{(E)}}", "E"),
 ]
 
 NOT_EQUAL = [
@@ -64,6 +70,9 @@ NOT_EQUAL = [
     ("2x+4y-3=0", "y=\\frac12 x+\\frac34"), ("y=x", "y=x+1"), ("(-\\infty, 3]", "(-\\infty, 3)"),
     ("", "5"), ("5", ""), ("\\frac{1}{2}", "\\frac{1}{3}"), ("10^3", "10000"), ("x_1", "x_2"), ("7,425,000", "7425"),
     ("(-\\infty,3]\\cup[4,\\infty)", "(-\\infty,3]\\cup[5,\\infty)"), ("north", "south"), ("e", "2.718"),
+    # a separator only joins groups of three digits: these stay tuples, lists or products
+    ("(1,234)", "1234"), ("1, 234", "1234"), ("1,23", "123"), ("$1,234,567$", "1234568"),
+    ("\\boxed{\\text{C}}", "B"), ("\\boxed{(D)}", "A"),
 ]
 
 
@@ -107,6 +116,20 @@ EXTRACT = [
 @pytest.mark.parametrize("response,expected", EXTRACT)
 def test_extract_answer(response, expected):
     assert extract_answer(response) == expected
+
+
+def test_rl_reward_reads_only_tagged_answers():
+    """GRPO's reward (require_tags=True): the training prompt asks for <answer> tags, so prose earns nothing."""
+    tagged = "<think>3 + 4</think><answer>7</answer>"
+    for response, lenient, strict in [(tagged, 1, 1), ("The answer is 7", 1, 0), ("7", 1, 0),
+                                      ("<think>3 + 4 = 7</think> 7", 1, 0), ("<think>.</think><answer>7", 1, 0),
+                                      ("<answer>\\boxed{7}</answer>", 1, 1), ("<answer>8</answer>", 0, 0)]:
+        assert math_reward(response, "7") == lenient and math_reward(response, "7", require_tags=True) == strict
+    assert choice_reward("Answer: B", OPTIONS, "B") == 1 and choice_reward("Answer: B", OPTIONS, "B", True) == 0
+    responses = [tagged, "The answer is 7", "<answer>B</answer>", "B"]
+    golds, options = ["7", "7", "B", "B"], [None, None, OPTIONS, OPTIONS]
+    assert rewards.batch_rewards(responses, golds, options, processes=1, require_tags=True) == [1, 0, 1, 0]
+    assert rewards.batch_rewards(responses, golds, options, processes=2) == [1, 1, 1, 1]
 
 
 def test_math_reward_end_to_end():
