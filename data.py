@@ -110,6 +110,15 @@ def read_rows(source, split="train", toy=None, config=None):
         raise DataError(f"cannot load {name!r}: not a local file, and the hub load failed ({first})") from e
 
 
+def write_jsonl(path, rows):
+    """Rows as JSON lines, written aside and renamed: a crash never leaves half a file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def convert_rows(rows, parse, what):
     """Apply `parse` to every row; count and report the malformed ones (parse raises ValueError/KeyError...)."""
     out, bad, first_error = [], 0, None
@@ -147,9 +156,10 @@ def user_message(text, images=()):
     return {"role": "user", "content": first + parts}
 
 
-def eval_prompt(question, options=None, kind="mc"):
-    """Appendix C: the multiple-choice template for option questions, the math template otherwise."""
-    text = (EVAL_MC_PROMPT if kind == "mc" else EVAL_MATH_PROMPT).format(question=question)
+def eval_prompt(question, options=None, template="mc"):
+    """Appendix C: the math template (mathematical benchmarks, their multiple-choice items included) or the
+    multiple-choice template; either is followed by the options when the item has them."""
+    text = (EVAL_MC_PROMPT if template == "mc" else EVAL_MATH_PROMPT).format(question=question)
     return text + OPTIONS_SUFFIX.format(options=format_options(options)) if options else text
 
 
@@ -159,6 +169,8 @@ def options_list(value):
         value = ast.literal_eval(value) if value.strip() else []
     if isinstance(value, dict):
         return [value[k] for k in sorted(value) if value[k] is not None and str(value[k]).strip()]
+    if value and all(isinstance(o, (list, tuple)) for o in value):  # MMMU-Pro has "[['A', 'B', ...]]": one list
+        value = [o for inner in value for o in inner]
     return [str(o) for o in (value or [])]
 
 
@@ -189,8 +201,7 @@ def task(question, answer, options=None, images=(), pid=None, letter=True, open_
     if options and letter and not (len(answer) == 1 and "A" <= answer.upper() < LETTERS[len(options)]):
         raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
     return {"id": str(pid), "question": str(question).strip(), "options": options, "open": open_ended,
-            "answer": answer.upper() if options and letter else answer, "images": [i for i in images if i],
-            "kind": "mc" if options else "math"}
+            "answer": answer.upper() if options and letter else answer, "images": [i for i in images if i]}
 
 
 def mmmu_task(row):  # MMMU and MMMU-Pro: options as a string repr, images in image_1..image_7
@@ -247,6 +258,20 @@ def parse_openthoughts(row):
     return question, f"<think>\n{thought}\n</think>\n<answer>\n{solution}\n</answer>"
 
 
+def parse_distilled(row):
+    """(question, response) from a distilled row (generate.py --distil): {"question", "response", ...}, the
+    question already holding its options; the response must be in the paper's <think>/<answer> format."""
+    question, response = str(row["question"]).strip(), str(row["response"]).strip()
+    if not question or "</think>" not in response or not re.search(r"<answer>.*?</answer>", response, re.S):
+        raise ValueError("distilled row lacks a question or a <think>...</think><answer>...</answer> response")
+    return question, response
+
+
+def parse_sft_row(row):
+    """An SFT row in either schema: OpenThoughts-114k (`conversations`) or distilled (`question`, `response`)."""
+    return parse_openthoughts(row) if "conversations" in row else parse_distilled(row)
+
+
 def sft_example(question, answer, processor, max_len):
     """Tokenize one conversation with the model's chat template; labels = -100 except the assistant's reply.
 
@@ -276,7 +301,7 @@ def load_sft_data(source, processor, max_len=4096):
     from tqdm import tqdm
     rows = read_rows(source, toy="sft")
     examples = convert_rows(tqdm(rows, desc="tokenize", disable=len(rows) < 1000, mininterval=5),
-                            lambda r: sft_example(*parse_openthoughts(r), processor, max_len), "sft data")
+                            lambda r: sft_example(*parse_sft_row(r), processor, max_len), "sft data")
     n_trunc = sum(e["truncated"] for e in examples)
     print(f"sft data: {len(examples)} examples, {n_trunc} truncated to {max_len} tokens", file=sys.stderr)
     return examples
@@ -297,10 +322,10 @@ def parse_rl_row(row):
     question, answer = str(question).strip(), str(answer).strip()
     if not question or not answer:
         raise ValueError("empty question or answer")
-    text = TRAIN_PROMPT.format(question=question)
-    if options:
-        text += OPTIONS_SUFFIX.format(options=format_options(options))
-    return {"messages": [user_message(text)], "answer": answer, "options": options}
+    if options:  # appendix C: the options follow the question
+        question += OPTIONS_SUFFIX.format(options=format_options(options))
+    return {"messages": [user_message(TRAIN_PROMPT.format(question=question))], "question": question,
+            "answer": answer, "options": options}
 
 
 def load_rl_data(source):
@@ -344,12 +369,10 @@ def _tiny_corpus():
     return texts * 4
 
 
-def build_tiny(path):
-    """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor."""
-    import torch
+def _tiny_tokenizer():
+    """A byte-level BPE trained on the spot with Qwen's special tokens, split regex and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -363,14 +386,41 @@ def build_tiny(path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token="<|endoftext|>",
                                         model_max_length=4096)
     tokenizer.padding_side = "left"  # generation pads on the left; training code pads itself
-    special = {t: bpe.token_to_id(t) for t in QWEN_SPECIAL}
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer, {t: bpe.token_to_id(t) for t in QWEN_SPECIAL}
+
+
+def build_tiny_text(path):
+    """A tiny random-weight text-only Qwen2 causal LM (the shape of a teacher such as QwQ-32B), same tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer, special = _tiny_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=False, bos_token_id=special["<|endoftext|>"],
+                         eos_token_id=special[IM_END], pad_token_id=special["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [special[IM_END], special["<|endoftext|>"]]
+    model.generation_config.pad_token_id = special["<|endoftext|>"]
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def build_tiny(path):
+    """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor."""
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    tokenizer, special = _tiny_tokenizer()
+    bpe_size = len(tokenizer)
 
     # ~14 image tokens at most: small images, real patch/merge geometry (14-pixel patches, 2x2 merge).
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128,
+        text_config=dict(vocab_size=bpe_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
@@ -390,17 +440,21 @@ def build_tiny(path):
     processor.save_pretrained(path)
 
 
+TINY = {"tiny": build_tiny, "tiny-text": build_tiny_text}  # built locally, then loaded like any checkpoint
+
+
 def resolve_model(name):
-    """A path or hub id for from_pretrained; `tiny` is built on first use (atomically: ranks may race)."""
-    if name != "tiny":
+    """A path or hub id for from_pretrained; `tiny`/`tiny-text` are built on first use (atomically: ranks race)."""
+    if name not in TINY:
         return name
     # The tokenizer is trained on the toy data and templates: a change to them is a new checkpoint.
-    path = CACHE / f"{TINY_VERSION}-{hashlib.sha1(repr(_tiny_corpus()).encode()).hexdigest()[:8]}"
+    version = TINY_VERSION + ("-text" if name == "tiny-text" else "")
+    path = CACHE / f"{version}-{hashlib.sha1(repr(_tiny_corpus()).encode()).hexdigest()[:8]}"
     if not (path / "config.json").exists():
         import tempfile
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=CACHE, prefix=".tiny-")
-        build_tiny(tmp)
+        TINY[name](tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first; theirs is identical
@@ -416,17 +470,25 @@ def load_processor(name):
         processor = AutoProcessor.from_pretrained(path)
     except OSError as e:
         raise DataError(f"cannot load processor {name!r}: {str(e).splitlines()[0]}") from e
-    processor.tokenizer.padding_side = "left"
+    tokenizer_of(processor).padding_side = "left"
     return processor
 
 
+def tokenizer_of(processor):
+    """A VLM's processor holds its tokenizer; a text-only model's processor is its tokenizer."""
+    return getattr(processor, "tokenizer", processor)
+
+
 def load_model(name, dtype=None, device="cpu"):
-    """Qwen2.5-VL from a hub id, a local directory (e.g. an SFT checkpoint) or `tiny`."""
+    """Qwen2.5-VL from a hub id, a local directory (e.g. an SFT checkpoint) or `tiny`; a text-only causal LM
+    (a distillation teacher such as Qwen/QwQ-32B, or `tiny-text`) when the config has no vision part."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
     path = resolve_model(name)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+        vision = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+        cls = Qwen2_5_VLForConditionalGeneration if vision else AutoModelForCausalLM
+        model = cls.from_pretrained(path, dtype=dtype or torch.float32)
     except OSError as e:
         raise DataError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
     return model.to(device)

@@ -39,12 +39,12 @@ HEALTH = "Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Med
 TOY_EVAL = {"mathvista": data.TOY["mathvista"], "mmmu": data.TOY_DIR / "mmmu.json",
             "mmmu-pro": data.TOY_DIR / "mmmu_pro.json", "medqa": data.TOY_DIR / "medqa.jsonl",
             "mmlu-pro": data.TOY_DIR / "mmlu_pro.json"}
-# Accuracy (%) of Qwen2.5-VL-7B-Instruct and X-Reasoner as the paper reports them; others left blank.
-PAPER = {"mathvista": (62.8, 69.0), "mmmu": (53.0, 56.4), "mmmu-pro": (38.7, 43.0), "medqa": (56.3, 62.3)}
 
 
-def bench(hub, split, n, make, configs=(None,), **extra):
-    return {"hub": hub, "split": split, "n": n, "task": make, "configs": list(configs)} | extra
+def bench(hub, split, n, make, configs=(None,), template="mc", **extra):
+    """One benchmark: where its rows live, how many the card lists, the row converter, and which appendix-C
+    template its prompts use (`math` for the mathematical benchmarks, `mc` for the rest)."""
+    return {"hub": hub, "split": split, "n": n, "task": make, "configs": list(configs), "template": template} | extra
 
 
 def subject_of(row):
@@ -57,15 +57,20 @@ MMMU_PRO = bench("MMMU/MMMU_Pro", "test", 1730, data.mmmu_task, ["standard (10 o
 BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the dataset cards
     "gsm8k": bench("openai/gsm8k", "test", 1319, lambda r: data.task(
         r["question"], r["answer"].split("####")[-1].strip().replace(",", ""), pid=zlib.crc32(r["question"].encode())),
-        ["main"]),
+        ["main"], template="math"),
     "mmlu-pro": MMLU_PRO,
     "mmmu": MMMU,
     "mmmu-pro": MMMU_PRO,
     "mmstar": bench("Lin-Chen/MMStar", "val", 1500, data.mmstar_task),
-    "mathvista": bench("AI4Math/MathVista", "testmini", 1000, data.mathvista_task),
+    "mathvista": bench("AI4Math/MathVista", "testmini", 1000, data.mathvista_task, template="math"),
     "mathvision": bench("MathLLMs/MathVision", "test", 3040, lambda r: data.fields(
-        "question", "answer", "options", "decoded_image" if r.get("decoded_image") else "image")(r)),
-    "medqa": bench("GBaker/MedQA-USMLE-4-options", "test", 1273, data.fields("question", "answer_idx", "options")),
+        "question", "answer", "options", "decoded_image" if r.get("decoded_image") else "image")(r), template="math"),
+    # §3.2 evaluates both MedQA versions; Figure 1's "MedQA" (56.3 -> 62.3, X-Reasoner-Med 72.4) is the 4-option one
+    "medqa": bench("GBaker/MedQA-USMLE-4-options", "test", 1273, data.fields("question", "answer_idx", "options"),
+                   label="MedQA (4 options)"),
+    # The original 5-option USMLE test set (Table 7: 1,273 items) is not on the hub as plain data: pass the
+    # release's data_clean/questions/US/test.jsonl ({question, options {A..E}, answer, answer_idx}).
+    "medqa-5": bench(None, None, 1273, data.fields("question", "answer_idx", "options"), label="MedQA (5 options)"),
     "mmlu-pro-health": MMLU_PRO | {"n": 818, "keep": lambda r: r.get("category") == "health"},
     "mmmu-health": MMMU | {"configs": HEALTH, "n": 150, "keep": lambda r: subject_of(r) in HEALTH},
     "mmmu-pro-health": MMMU_PRO | {"n": 286, "keep": lambda r: subject_of(r) in HEALTH},
@@ -77,6 +82,59 @@ BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the data
     # NEJM Image Challenge (local JSONL): {"id", "question", "options": [..] or {A: ..}, "answer": letter, "image"}
     "nejm": bench(None, None, 947, data.fields("question", "answer", "options", "image")),
 }
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's numbers (arXiv 2505.03981 v1), each with where it is printed. Models: base = Qwen2.5-VL-7B-Instruct,
+# sota = the previous 7B-scale state of the art the paper compares with, xr = X-Reasoner, med = X-Reasoner-Med.
+# Where two places print different numbers for the same thing (MMMU base: 53.2 in Fig. 1, 53.0 in Table 5) both
+# are kept. Figures 3-4 (avg/maj/pass@5) are left out: their bar labels cannot be matched to bars from the text.
+MODELS = {"base": "Qwen2.5-VL-7B", "sota": "prev. 7B SOTA", "xr": "X-Reasoner", "med": "X-Reasoner-Med"}
+PAPER = [  # (benchmark, model, accuracy %, source)
+    # Figure 1 (values printed on the bars; also readme_files/fig1.png in github.com/microsoft/x-reasoner)
+    ("gsm8k", "base", 84.9, "F1"), ("gsm8k", "sota", 87.2, "F1"), ("gsm8k", "xr", 88.2, "F1"),
+    ("mmlu-pro", "base", 47.6, "F1"), ("mmlu-pro", "sota", 52.1, "F1"), ("mmlu-pro", "xr", 52.6, "F1"),
+    ("mmmu-pro", "base", 38.7, "F1"), ("mmmu-pro", "sota", 40.7, "F1"), ("mmmu-pro", "xr", 43.0, "F1"),
+    ("mmmu", "base", 53.2, "F1"), ("mmmu", "sota", 55.0, "F1"), ("mmmu", "xr", 56.4, "F1"),
+    ("medqa", "base", 56.3, "F1"), ("medqa", "sota", 71.6, "F1"), ("medqa", "xr", 62.3, "F1"), ("medqa", "med", 72.4, "F1"),
+    ("mmlu-pro-health", "base", 47.8, "F1"), ("mmlu-pro-health", "sota", 56.4, "F1"),
+    ("mmlu-pro-health", "xr", 51.3, "F1"), ("mmlu-pro-health", "med", 58.7, "F1"),
+    ("mmmu-health", "base", 56.7, "F1"), ("mmmu-health", "sota", 57.3, "F1"), ("mmmu-health", "xr", 60.0, "F1"),
+    ("mmmu-health", "med", 64.0, "F1"),
+    ("medxpertqa-mm", "base", 22.2, "F1"), ("medxpertqa-mm", "sota", 23.8, "F1"), ("medxpertqa-mm", "xr", 23.8, "F1"),
+    ("medxpertqa-mm", "med", 26.4, "F1"),
+    # Table 5 (greedy); sota = the best other 7B/8B row: MAmmoTH-VL2-7B (MMMU-Pro, MathVista), Mulberry-7B (MMMU),
+    # R1-Onevision-7B (MathVision)
+    ("mmmu", "base", 53.0, "T5"), ("mmmu", "sota", 55.0, "T5"), ("mmmu", "xr", 56.4, "T5"),
+    ("mmmu-pro", "base", 38.7, "T5"), ("mmmu-pro", "sota", 40.7, "T5"), ("mmmu-pro", "xr", 43.0, "T5"),
+    ("mathvista", "base", 62.8, "T5"), ("mathvista", "sota", 68.1, "T5"), ("mathvista", "xr", 69.0, "T5"),
+    ("mathvision", "base", 25.0, "T5"), ("mathvision", "sota", 29.9, "T5"), ("mathvision", "xr", 29.6, "T5"),
+    # Table 8 names each SOTA model; its MMLU-Pro-H entry (HuatuoGPT-o1-7B, replicated) differs from Fig. 1's
+    ("mmlu-pro-health", "sota", 54.3, "T8"),
+    # Table 4: the same recipe as a study (SFT + RL), before the final run; the only X-Reasoner number for NEJM
+    ("mmlu-pro", "base", 47.6, "T4"), ("mmlu-pro-health", "base", 47.8, "T4"), ("mmmu-pro", "base", 38.3, "T4"),
+    ("nejm", "base", 41.8, "T4"), ("mmlu-pro", "xr", 53.3, "T4"), ("mmlu-pro-health", "xr", 53.1, "T4"),
+    ("mmmu-pro", "xr", 42.5, "T4"), ("nejm", "xr", 45.7, "T4"),
+    # Table 3 and Tables 1/9: the baseline with the CoT template. Tables 1 and 9 say "MedQA"; §3.2 calls the
+    # original 5-option set "MedQA", and their 50.5 is not Fig. 1's 4-option 56.3, so we file it under medqa-5.
+    ("mmlu-pro-health", "base", 47.8, "T3"), ("omnimedvqa", "base", 57.4, "T3"), ("gsm8k", "base", 86.0, "T3"),
+    ("mathvision", "base", 24.7, "T3"), ("medqa-5", "base", 50.5, "T1"), ("mmmu-pro", "base", 38.3, "T1"),
+    ("mmmu-pro-health", "base", 34.3, "T1"),
+]
+# Table 6: items left after removing those solved text-only (3 image-free samples per item, per model), and the
+# accuracy of both models on that shared remainder: benchmark -> (original, text-solvable, remaining, base, xr)
+TEXT_SOLVABLE = {"mmmu": (900, 308, 592, 39.3, 41.4), "mmmu-pro": (1730, 259, 1471, 33.4, 36.4),
+                 "mathvista": (1000, 257, 743, 57.9, 60.6), "mathvision": (3040, 448, 2592, 18.6, 21.8),
+                 "mmstar": (1500, 259, 1241, 56.6, 59.0)}
+
+
+def paper_numbers(bench):
+    """{model: "53.0 (T5); 53.2 (F1)"}: every number the paper prints for this benchmark, with its sources."""
+    cells = {}
+    for b, model, value, source in PAPER:
+        if b == bench:
+            cells.setdefault(model, {}).setdefault(value, []).append(source)
+    return {m: "; ".join(f"{v} ({', '.join(s)})" for v, s in sorted(by_value.items(), key=lambda x: x[1][0]))
+            for m, by_value in cells.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,25 +443,53 @@ def summarize(bench, records, k, skipped):
             "forced_exit_pct": round(100 * sum(r["finish_reason"] == "forced_exit" for r in records)
                                      / max(len(records), 1), 2),
             "mean_words": round(sum(r["words"] for r in records) / max(len(records), 1), 1),
-            "paper": PAPER.get(bench)}
+            "paper": paper_numbers(bench), "paper_text_solvable": TEXT_SOLVABLE.get(bench)}
 
 
-def table(summaries, compare):
+def table(summaries, compare, text_solvable=False):
+    """The results as Markdown; with `compare`, the paper's numbers beside ours (Table 6's with `text_solvable`)."""
     k = summaries[0]["samples"] if summaries else 1
     head = ["benchmark", "n", "accuracy" if k == 1 else f"avg@{k}"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
-    head += ["forced exit %", "words"] + (["paper Qwen2.5-VL-7B", "paper X-Reasoner"] if compare else [])
+    head += ["forced exit %", "words"]
+    if compare and text_solvable:
+        head += ["paper n (T6)", "paper Qwen2.5-VL-7B (T6)", "paper X-Reasoner (T6)"]
+    elif compare:
+        head += [f"paper {name}" for name in MODELS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
-        cells = [s["bench"], s["n"], s["accuracy"]] + ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else [])
-        cells += [s["forced_exit_pct"], s["mean_words"]]
-        cells += list(s["paper"] or ("—", "—")) if compare else []
+        cells = [BENCHMARKS.get(s["bench"], {}).get("label", s["bench"]), s["n"], s["accuracy"]]
+        cells += ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else []) + [s["forced_exit_pct"], s["mean_words"]]
+        if compare and text_solvable:
+            cells += list(TEXT_SOLVABLE[s["bench"]][2:]) if s["bench"] in TEXT_SOLVABLE else ["not reported"] * 3
+        elif compare:
+            cells += [paper_numbers(s["bench"]).get(m, "not reported") for m in MODELS]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def read_ids(path):
-    text = Path(path).read_text()
-    return set(map(str, json.loads(text))) if text.lstrip().startswith("[") else set(text.split())
+def read_ids(paths, bench):
+    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
+    "bench<TAB>id" (as --text-solvable-out writes them)."""
+    ids = set()
+    for path in paths:
+        text = Path(path).read_text()
+        if text.lstrip().startswith("["):
+            ids |= set(map(str, json.loads(text)))
+            continue
+        for line in filter(str.strip, text.splitlines()):
+            b, tab, i = line.rstrip("\n").partition("\t")
+            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
+    return ids
+
+
+def write_solvable(path, bench, ids):
+    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
+    path = Path(path)
+    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
+            if not line.startswith(bench + "\t")]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,22 +506,34 @@ def parse_args(argv=None):
                     "missing images skip their items, or use --no-image")
     ap.add_argument("--limit", type=int, default=None, help="first N rows of each benchmark")
     ap.add_argument("--out", default="runs/eval")
-    # protocol (paper §3: greedy, 4,096 tokens, forced exit; 5 samples at 0.3 for the sampling study)
+    # protocol (paper §3: greedy, at most 4,096 generated tokens with the forced exit inside them;
+    # 5 samples at temperature 0.3 for avg/maj/pass@5)
     ap.add_argument("--samples", type=int, default=1, help="K samples per item: avg@K, maj@K, pass@K")
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3); the sampling study uses 0.3")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--think-budget", type=int, default=4096, help="forced exit after this many tokens (0: off)")
-    ap.add_argument("--answer-budget", type=int, default=512, help="tokens allowed after a forced exit")
+    ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens in total (§3)")
+    ap.add_argument("--think-budget", type=int, default=None,
+                    help="forced exit (§2.1) after this many thinking tokens; default: --max-new-tokens minus "
+                    "--answer-budget (3,584), so that '</think>' and a full answer still fit under the cap; 0: off. "
+                    "The paper gives the cap, not the split (ours)")
+    ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
     ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution bounds (X-Reasoner-7B's card)")
     ap.add_argument("--max-pixels", type=int, default=262144)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     # the text-only ablation (paper Table 6)
     ap.add_argument("--no-image", action="store_true", help="drop every image from the prompts")
-    ap.add_argument("--text-solvable-out", help="write the ids answered correctly in all K samples")
-    ap.add_argument("--exclude-ids", help="file of ids (one per line or a JSON list) to leave out")
-    ap.add_argument("--compare", action="store_true", help="add the paper's numbers to the table")
-    return ap.parse_args(argv)
+    ap.add_argument("--text-solvable-out", help="record (bench<TAB>id) the items answered right in all K samples")
+    ap.add_argument("--exclude-ids", action="append", default=[],
+                    help="files of ids to leave out, comma-separated or repeated: their union (Table 6: the "
+                    "--text-solvable-out files of every model compared)")
+    ap.add_argument("--compare", action="store_true", help="add the paper's numbers to the table (Table 6's "
+                    "with --exclude-ids)")
+    args = ap.parse_args(argv)
+    args.exclude_ids = [p for entry in args.exclude_ids for p in entry.split(",") if p]
+    if args.think_budget is None:
+        args.think_budget = max(args.max_new_tokens - args.answer_budget, 0)
+    return args
 
 
 def sources(args, benches):
@@ -451,15 +549,20 @@ def sources(args, benches):
     return out
 
 
+def prompt_text(bench, t):
+    """The exact text of the user turn: the benchmark's appendix-C template, the question, its options."""
+    return data.eval_prompt(t["question"], t["options"], BENCHMARKS[bench]["template"])
+
+
 def evaluate_bench(bench, source, args, model, processor, rank, world):
     from generate import generate, shard
     from sft import barrier
     from tqdm import tqdm
-    exclude = read_ids(args.exclude_ids) if args.exclude_ids else set()
+    exclude = read_ids(args.exclude_ids, bench)
     tasks, skipped = load_tasks(bench, source, args.image_root, not args.no_image, exclude, args.limit)
     out, meta = Path(args.out), Path(args.out) / f"{bench}.settings.json"
-    settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "think_budget", "answer_budget",
-                                              "no_image", "min_pixels", "max_pixels", "seed")}
+    settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "max_new_tokens", "think_budget",
+                                              "answer_budget", "no_image", "min_pixels", "max_pixels", "seed")}
     if meta.exists() and json.loads(meta.read_text()) != settings:  # every rank stops, none waits alone
         raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
     out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
@@ -478,17 +581,19 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             seeds = [args.seed * 1_000_003 + zlib.crc32(f"{t['id']}/{k}".encode()) for t, k in part]
-            chats = [[data.user_message(data.eval_prompt(t["question"], t["options"], t["kind"]),
-                                        [] if args.no_image else t["images"])] for t, _ in part]
-            completions = generate(model, processor, chats, max_new_tokens=args.think_budget + args.answer_budget,
+            prompts = [prompt_text(bench, t) for t, _ in part]
+            chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
+            completions = generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=seeds,
                                    think_budget=args.think_budget or None, answer_budget=args.answer_budget,
                                    batch_size=args.batch_size)
-            for (t, k), c in zip(part, completions):
+            for (t, k), prompt, c in zip(part, prompts, completions):
                 extracted, correct = judge(bench, c.text, t["row"])
-                f.write(json.dumps({"id": t["id"], "sample": k, "response": c.text, "extracted": extracted,
-                                    "correct": bool(correct), "finish_reason": c.finish_reason,
-                                    "tokens": c.num_tokens, "words": len(c.text.split())}) + "\n")
+                f.write(json.dumps({"id": t["id"], "sample": k, "prompt": prompt, "images": 0 if args.no_image else len(t["images"]),
+                                    "response": c.text,
+                                    "extracted": extracted, "correct": bool(correct),
+                                    "finish_reason": c.finish_reason, "tokens": c.num_tokens,
+                                    "words": len(c.text.split())}) + "\n")
             f.flush()  # what is on disk is kept by a rerun
             bar.update(len(part))
     barrier()
@@ -500,8 +605,8 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
         by_id = {}
         for r in records:
             by_id.setdefault(r["id"], []).append(r["correct"])
-        solved = sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c))
-        Path(args.text_solvable_out).write_text("".join(f"{i}\n" for i in solved))
+        write_solvable(args.text_solvable_out, bench,
+                       sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
     return summarize(bench, records, args.samples, skipped)
 
 
@@ -536,8 +641,8 @@ def main(argv=None):
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
         summary.update({s["bench"]: s for s in summaries})
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "results.md").write_text(table(list(summary.values()), args.compare) + "\n")
-        print(table(summaries, args.compare))
+        (out / "results.md").write_text(table(list(summary.values()), args.compare, bool(args.exclude_ids)) + "\n")
+        print(table(summaries, args.compare, bool(args.exclude_ids)))
     if failed:
         raise data.DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
     return summaries

@@ -34,10 +34,14 @@ class Completion:
     token_ids: list
     finish_reason: str  # "stop" | "forced_exit" | "length"
     num_tokens: int
+    sampled: list = None  # per token: 1 if the model sampled it, 0 if the forced exit wrote it (no gradient in RL)
 
 
 def encode(processor, conversation):
     """One chat -> model inputs (batch of 1) with the generation prompt appended."""
+    if not hasattr(processor, "image_processor"):  # a text-only model's tokenizer: its template wants strings
+        conversation = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+                         "".join(part.get("text", "") for part in m["content"])} for m in conversation]
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                          return_dict=True, return_tensors="pt")
 
@@ -67,11 +71,25 @@ def rope_positions(model, batch):
     Image tokens share positions laid out on their grid, so after an image the next text position is less than
     the token count. We compute it once here and carry it ourselves; the model's cached `rope_deltas` stay
     untouched, so a later training forward on the same model object cannot pick up stale state.
+    A text-only causal LM (a distillation teacher) gets ordinary positions 0, 1, 2, ... after the left padding.
     """
+    if not hasattr(model.model, "get_rope_index"):
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return positions, positions[:, -1] + 1  # (B, L), (B,)
     positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                               image_grid_thw=batch.get("image_grid_thw"),
                                               attention_mask=batch["attention_mask"])
     return positions, positions.amax(dim=(0, 2)) + 1  # (3, B, L), (B,)
+
+
+def next_positions(next_pos, like):
+    """Positions of one new token per row: M-RoPE's three axes advance together for text, (3, B, 1)."""
+    return next_pos.view(1, -1, 1).expand(3, -1, 1) if like.dim() == 3 else next_pos.view(-1, 1)
+
+
+def vision_inputs(batch):
+    """The image tensors of a batch, if it has any (a text-only model takes no such arguments)."""
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
 
 
 def sample(logits, temperature, top_p, generators):
@@ -108,11 +126,11 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                   pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   **vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     n = len(encodings)
     out = [[] for _ in range(n)]
+    sampled = [[] for _ in range(n)]       # 1: sampled by the model, 0: written by the forced exit
     reason = ["length"] * n
     forced = [[] for _ in range(n)]        # "</think>" tokens still to feed, per row
     answer_left = [None] * n               # tokens left after a forced exit
@@ -122,6 +140,7 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
         token = sample(logits, temperature, top_p, [generators[r] for r in live])
         keep = []
         for j, r in enumerate(live):
+            sampled[r].append(0 if forced[r] else 1)
             if forced[r]:                  # teacher-force the </think> of a forced exit
                 token[j] = forced[r].pop(0)
             elif answer_left[r] is not None:
@@ -152,12 +171,11 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
             live = [live[j] for j in keep]
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=step_pos,
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_positions(next_pos, positions),
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_pos = next_pos + 1
-    return [Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, why, len(ids))
-            for ids, why in zip(out, reason)]
+    return [Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, why, len(ids), mask)
+            for ids, why, mask in zip(out, reason, sampled)]
 
 
 def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
@@ -166,22 +184,23 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     `seed`: an int (row i uses a seed derived from it and i) or a list with one seed per conversation."""
     if not conversations:
         return []
-    tokenizer = processor.tokenizer
+    tokenizer = getattr(processor, "tokenizer", processor)  # a text-only model's processor is its tokenizer
     stop_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                    else [model.generation_config.eos_token_id]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     stop_ids.discard(None)
     # Only a token containing ">" can complete "</think>": decode a row's tail only after one of those.
     if getattr(tokenizer, "_may_close", None) is None:
         tokenizer._may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
-    may_close = tokenizer._may_close + [False] * (model.config.text_config.vocab_size - len(tokenizer._may_close))
-    limit = model.config.text_config.max_position_embeddings
+    text_config = model.config.get_text_config()
+    may_close = tokenizer._may_close + [False] * (text_config.vocab_size - len(tokenizer._may_close))
+    limit = text_config.max_position_embeddings
     encodings = [encode(processor, c) for c in conversations]
     results = [None] * len(conversations)
     for i, e in enumerate(encodings):
         if e["input_ids"].shape[1] >= limit:
             raise ValueError(f"prompt {i} has {e['input_ids'].shape[1]} tokens; the model's context is {limit}")
     if max_new_tokens <= 0:
-        return [Completion("", [], "length", 0) for _ in conversations]
+        return [Completion("", [], "length", 0, []) for _ in conversations]
     if isinstance(seed, (list, tuple)):  # one seed per conversation (GRPO: independent of how rows are sharded)
         seeds = list(seed)
     else:
@@ -218,7 +237,37 @@ def unshard(gathered):
     return out
 
 
-def main():
+# ----------------------------------------------------------------------------------------------------
+# Distillation (X-Reasoner-Med, §3.2): a teacher's chains of thought on the training questions, kept if correct
+
+def with_think_open(text):
+    """QwQ-style chat templates open <think> in the prompt, so the completion starts inside the thought."""
+    return text if "</think>" not in text or text.lstrip().startswith("<think>") else "<think>\n" + text
+
+
+def select_correct(rows, completions, samples):
+    """Rejection sampling (§2.1): of each row's `samples` completions, keep those in the paper's format whose
+    tagged answer is right (rewards.py, tags required), as SFT rows {"question", "response", "answer"}."""
+    import rewards
+    kept = []
+    for i, c in enumerate(completions):
+        row, text = rows[i // samples], with_think_open(c.text)
+        options = row.get("options")
+        ok = (rewards.choice_reward(text, options, row["answer"], require_tags=True) if options
+              else rewards.math_reward(text, row["answer"], require_tags=True))
+        if ok and "</think>" in text:
+            kept.append({"question": row["question"], "response": text, "answer": row["answer"]})
+    return kept
+
+
+def distil(model, processor, rows, samples=4, seed=0, **sampling):
+    """`samples` completions of each RL-schema row (data.load_rl_data), seeded per (row, sample); the correct ones."""
+    conversations = [r["messages"] for r in rows for _ in range(samples)]
+    seeds = [seed * 1_000_003 + i for i in range(len(conversations))]
+    return select_correct(rows, generate(model, processor, conversations, seed=seeds, **sampling), samples)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # model
     ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="hub id, local directory, or `tiny`")
@@ -227,7 +276,10 @@ def main():
     ap.add_argument("--prompt", help="a single user message")
     ap.add_argument("--image", action="append", default=[], help="image file(s) for --prompt")
     ap.add_argument("--input", help="JSONL with {'prompt': str, 'images': [paths]} per line")
-    ap.add_argument("--output", help="JSONL to write completions to (with --input)")
+    ap.add_argument("--output", help="JSONL to write completions to (with --input), or the distilled rows")
+    ap.add_argument("--distil", help="RL-schema rows (MedQA: question, options, answer_idx): sample --samples answers "
+                    "per question and write the correct ones to --output as SFT rows (X-Reasoner-Med, §3.2)")
+    ap.add_argument("--samples", type=int, default=4, help="completions per question with --distil (ours)")
     # sampling
     ap.add_argument("--max-new-tokens", type=int, default=4096)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -236,14 +288,25 @@ def main():
     ap.add_argument("--answer-budget", type=int, default=512, help="tokens allowed after a forced exit")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import data
     from PIL import Image
+    if args.distil and not args.output:
+        ap.error("--distil needs --output")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
     model = data.load_model(args.model, dtype=dtype, device=device).eval()
     processor = data.load_processor(args.model)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size)
+    if args.distil:
+        rows = data.load_rl_data(args.distil)
+        kept = distil(model, processor, rows, args.samples, args.seed, progress=True, **sampling)
+        data.write_jsonl(args.output, kept)
+        print(f"distil: kept {len(kept)} of {len(rows) * args.samples} completions ({len(rows)} questions x "
+              f"{args.samples}); wrote {args.output}", file=sys.stderr)
+        return kept
     if args.input:
         rows = data.read_rows(args.input)
     elif args.prompt is not None:
@@ -252,10 +315,8 @@ def main():
         ap.error("give --prompt or --input")
     conversations = [[data.user_message(r["prompt"], [Image.open(p).convert("RGB") for p in r.get("images", [])])]
                      for r in rows]
-    completions = generate(model, processor, conversations, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, think_budget=args.think_budget,
-                           answer_budget=args.answer_budget, batch_size=args.batch_size, seed=args.seed,
-                           progress=args.input is not None)
+    completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
+                           **sampling)
     if args.output:
         with open(args.output, "w") as f:
             for r, c in zip(rows, completions):

@@ -238,7 +238,7 @@ def test_prompt_interleaves_mmmu_images_and_uses_paper_template():
                      ("text", ", again "), ("text", "<image 2>")]
     assert [p["type"] for p in data.user_message("no placeholder", [a])["content"]] == ["image", "text"]
     t = data.mmmu_task(json.loads((ROOT / "toy" / "mmmu.json").read_text())[1])
-    text = data.eval_prompt(t["question"], t["options"], t["kind"])
+    text = ev.prompt_text("mmmu", t)
     assert text.startswith(data.EVAL_MC_PROMPT.split("{question}")[0]) and text.endswith("A: 3\nB: 4\nC: 6\nD: 8")
 
 
@@ -284,7 +284,13 @@ def test_end_to_end_three_benchmarks(tmp_path):
         rows = {t["id"]: t["row"] for t in ev.load_tasks(s["bench"], "toy")[0]}
         assert all(ev.score(s["bench"], r["response"], rows[r["id"]]) == r["correct"] for r in lines)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["mathvista"]["paper"] == [62.8, 69.0]
+    assert summary["mathvista"]["paper"] == {"base": "62.8 (T5)", "sota": "68.1 (T5)", "xr": "69.0 (T5)"}
+    for s in summaries:  # each record carries the exact text prompt, with the benchmark's appendix-C template
+        rows = {t["id"]: t for t in ev.load_tasks(s["bench"], "toy")[0]}
+        for r in map(json.loads, (tmp_path / f"{s['bench']}.jsonl").read_text().splitlines()):
+            assert r["prompt"] == ev.prompt_text(s["bench"], rows[r["id"]])
+            template = data.EVAL_MATH_PROMPT if s["bench"] == "mathvista" else data.EVAL_MC_PROMPT
+            assert r["prompt"].startswith(template.split("{question}")[0])
     assert (tmp_path / "results.md").read_text().count("\n") == 5
 
 
@@ -321,7 +327,7 @@ def test_samples_no_image_and_text_solvable(tmp_path):
     by_id = {}
     for r in lines:
         by_id.setdefault(r["id"], []).append(r["correct"])
-    assert solvable.read_text().split() == sorted(i for i, c in by_id.items() if all(c))
+    assert ev.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("1\n2\n5\n")
     (s,) = run_eval(tmp_path / "rest", "--bench", "mathvista", "--exclude-ids", str(exclude), "--limit", "4")
@@ -373,3 +379,89 @@ def test_cli_and_two_ranks_match_one_process(tmp_path):
     bad = subprocess.run([sys.executable, "evaluate.py", "--bench", "nope", "--model", "tiny"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: unknown benchmark")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's protocol and numbers
+
+def test_protocol_defaults_follow_section_3():
+    args = ev.parse_args([])
+    assert args.max_new_tokens == 4096 and args.think_budget + args.answer_budget == 4096  # §3: 4,096 in total
+    assert args.temperature == 0.0 and args.samples == 1                                   # greedy
+    assert ev.parse_args(["--max-new-tokens", "100", "--answer-budget", "30"]).think_budget == 70
+    assert ev.parse_args(["--think-budget", "0"]).think_budget == 0                         # forced exit off
+
+
+def test_templates_per_benchmark():
+    """Appendix C: the math template for MathVista, MathVision and GSM8K (their multiple-choice items too,
+    with the options after it); the multiple-choice template for the others."""
+    math = {b for b, spec in ev.BENCHMARKS.items() if spec["template"] == "math"}
+    assert math == {"mathvista", "mathvision", "gsm8k"}
+    item = data.mathvista_task(MATHVISTA["5"])  # a multiple-choice MathVista item
+    text = ev.prompt_text("mathvista", item)
+    assert text == data.EVAL_MATH_PROMPT.format(question=item["question"]) + " Options:\n\nA: 97\nB: 102\nC: 107\nD: 122"
+    medqa = [json.loads(line) for line in (ROOT / "toy" / "medqa.jsonl").read_text().splitlines()]
+    t = ev.BENCHMARKS["medqa"]["task"](medqa[0])
+    assert ev.prompt_text("medqa", t).startswith(data.EVAL_MC_PROMPT.split("{question}")[0])
+
+
+def test_every_published_number_is_there_with_its_source():
+    """Typed again from the paper (v1): Figure 1's bars, Table 5, Table 4 and Table 6."""
+    figure1 = {"gsm8k": (84.9, 87.2, 88.2, None), "mmlu-pro": (47.6, 52.1, 52.6, None),
+               "mmmu-pro": (38.7, 40.7, 43.0, None), "mmmu": (53.2, 55.0, 56.4, None),
+               "medqa": (56.3, 71.6, 62.3, 72.4), "mmlu-pro-health": (47.8, 56.4, 51.3, 58.7),
+               "mmmu-health": (56.7, 57.3, 60.0, 64.0), "medxpertqa-mm": (22.2, 23.8, 23.8, 26.4)}
+    table5 = {"mmmu": (53.0, 56.4), "mmmu-pro": (38.7, 43.0), "mathvista": (62.8, 69.0), "mathvision": (25.0, 29.6)}
+    table4 = {"mmlu-pro": (47.6, 53.3), "mmlu-pro-health": (47.8, 53.1), "mmmu-pro": (38.3, 42.5), "nejm": (41.8, 45.7)}
+    have = {(b, m, v, src) for b, m, v, src in ev.PAPER}
+    for b, values in figure1.items():
+        for model, v in zip(("base", "sota", "xr", "med"), values):
+            assert v is None or (b, model, v, "F1") in have, (b, model)
+    for b, (base, xr) in table5.items():
+        assert {(b, "base", base, "T5"), (b, "xr", xr, "T5")} <= have
+    for b, (base, xr) in table4.items():
+        assert {(b, "base", base, "T4"), (b, "xr", xr, "T4")} <= have
+    assert ev.TEXT_SOLVABLE["mmmu-pro"] == (1730, 259, 1471, 33.4, 36.4)
+    for original, solvable, left, base, xr in ev.TEXT_SOLVABLE.values():
+        assert original - solvable == left and xr > base
+    assert set(ev.TEXT_SOLVABLE) == {"mmmu", "mmmu-pro", "mathvista", "mathvision", "mmstar"}
+    assert ev.paper_numbers("mmmu")["base"] == "53.2 (F1); 53.0 (T5)"  # two sources disagree: both kept
+    assert ev.paper_numbers("mmmu-pro")["xr"] == "43.0 (F1, T5); 42.5 (T4)"
+    assert all(b in ev.BENCHMARKS for b, *_ in ev.PAPER)
+
+
+def test_compare_table_shows_every_number_and_table_6(capsys):
+    s = ev.summarize("mathvista", [{"id": "1", "sample": 0, "extracted": "1", "correct": True,
+                                    "finish_reason": "stop", "words": 3}], 1, 0)
+    text = ev.table([s], compare=True)
+    assert "| mathvista | 1 | 100.0 | 0.0 | 3.0 | 62.8 (T5) | 68.1 (T5) | 69.0 (T5) | not reported |" in text
+    six = ev.table([s], compare=True, text_solvable=True)
+    assert "paper n (T6)" in six and "| 743 | 57.9 | 60.6 |" in six
+    medqa = ev.table([dict(s, bench="medqa")], compare=True)
+    assert "| MedQA (4 options) |" in medqa and "72.4 (F1)" in medqa
+
+
+def test_medqa_five_options_and_mmmu_pro_nested_options():
+    five = {"question": "Which vitamin deficiency causes scurvy?", "answer": "Vitamin C", "answer_idx": "E",
+            "options": {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin D", "D": "Vitamin K", "E": "Vitamin C"}}
+    assert ev.score("medqa-5", "<think>collagen</think><answer>E: Vitamin C</answer>", five)
+    assert not ev.score("medqa-5", "<think>.</think><answer>D</answer>", five)
+    assert ev.BENCHMARKS["medqa-5"]["label"] == "MedQA (5 options)" and ev.BENCHMARKS["medqa-5"]["hub"] is None
+    # a quirk of the published MMMU-Pro data: options as a list inside a list
+    row = dict(PRO_ROW, options="[['A', 'B', 'Not enough information']]", answer="B")
+    assert ev.score("mmmu-pro", "<think>.</think><answer>B</answer>", row)
+    assert ev.score("mmmu-pro", "The answer is (B).", row) and not ev.score("mmmu-pro", "Answer: C", row)
+
+
+def test_exclude_ids_is_the_union_of_several_files(tmp_path):
+    a, b = tmp_path / "base.tsv", tmp_path / "xr.tsv"
+    ev.write_solvable(a, "mathvista", ["1", "2"])
+    ev.write_solvable(a, "mmmu", ["validation_Art_1"])
+    ev.write_solvable(b, "mathvista", ["2", "5"])
+    ev.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
+    plain = tmp_path / "plain.txt"
+    plain.write_text("10\n")
+    assert ev.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
+    assert ev.read_ids([a], "mmmu") == {"validation_Art_1"}
+    args = ev.parse_args(["--exclude-ids", f"{a},{b}", "--exclude-ids", str(plain)])
+    assert args.exclude_ids == [str(a), str(b), str(plain)]
