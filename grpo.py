@@ -46,9 +46,14 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=4096)
     ap.add_argument("--think-budget", type=int, default=None, help="forced exit (§2.1) during rollouts; off in B.2")
     ap.add_argument("--answer-budget", type=int, default=512)
-    ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient; 0 skips the reference model")
-    ap.add_argument("--eps-low", type=float, default=0.2)
-    ap.add_argument("--eps-high", type=float, default=0.28, help="clip-higher")
+    ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient (B.2); 0 skips the reference model")
+    ap.add_argument("--eps-low", type=float, default=0.2, help="PPO clip range below 1 (B.2's epsilon)")
+    ap.add_argument("--eps-high", type=float, default=0.28,
+                    help="clip-higher, the range above 1: §2.2 uses 'a higher upper clipping threshold' without a "
+                    "number; 0.28 is DAPO's value, an assumption")
+    ap.add_argument("--dual-clip", type=float, default=3.0,
+                    help="dual-clip PPO: for A < 0 a token's loss is at most this x |A| (verl's clip_ratio_c, the "
+                    "authors' RL code base; binds only off-policy, --ppo-mini-batches > 1); 0: off")
     ap.add_argument("--no-std", action="store_true", help="advantages r - mean(r), without dividing by the std")
     ap.add_argument("--ppo-mini-batches", type=int, default=1, help="optimizer steps per rollout batch")
     # optimization
@@ -77,25 +82,30 @@ def group_advantages(rewards_, eps=1e-6, scale=True):
     return centered / (rewards_.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28, beta=0.01):
-    """The GRPO objective, negated for gradient descent, aggregated over tokens (not sequences).
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28, beta=0.01,
+                dual_clip=3.0):
+    """The GRPO objective (eq. 2), negated for gradient descent, aggregated over tokens (not sequences).
 
-    logp/old_logp/ref_logp/mask: (B, T) per response token; advantages: (B,); n_tokens: response tokens in the
-    whole mini-batch on all ranks, so every token weighs the same whatever its sequence's length.
+    logp/old_logp/ref_logp/mask: (B, T) per response token (mask: 1 for tokens the policy sampled); advantages:
+    (B,); n_tokens: masked tokens in the whole mini-batch on all ranks, so every token weighs the same whatever
+    its sequence's length. The clamps are verl's numerical guards; they bind only far off-policy.
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     adv = advantages[:, None]
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # clip-higher
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # clip-higher (§2.2)
     per_token = -surrogate
+    if dual_clip:  # dual-clip PPO (Ye et al. 2020): a negative advantage cannot push a token's loss above c|A|
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
     kl = torch.zeros_like(logp)
     if beta:
-        log_r = ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy || reference), >= 0
+        log_r = torch.clamp(ref_logp - logp, -20.0, 20.0)
+        kl = torch.clamp(torch.exp(log_r) - log_r - 1, max=10.0)  # k3 estimator of KL(policy || reference), >= 0
         per_token = per_token + beta * kl
     loss = (per_token * mask).sum() / n_tokens
     with torch.no_grad():
         clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-        stats = {"kl": (kl * mask).sum().item(), "clipped": (clipped.float() * mask).sum().item()}
+        stats = {"kl": (kl * mask).sum().item(), "clipped": (clipped.float() * mask).sum().item(),
+                 "ratio_dev": ((ratio - 1).abs() * mask).max().item() if mask.any() else 0.0}
     return loss, stats
 
 
@@ -118,11 +128,15 @@ def sequence_batch(processor, rows, device):
     batch["input_ids"] = torch.cat([batch["input_ids"], response], dim=1)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], mask.long()], dim=1)
     batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
-    return {k: v.to(device) for k, v in batch.items()}, response.to(device), mask.to(device)
+    sampled = torch.zeros_like(mask)  # the loss skips the "</think>" a forced exit wrote: the policy never chose it
+    for i, r in enumerate(rows):
+        sampled[i, :len(r["token_ids"])] = torch.tensor(r.get("sampled") or [1] * len(r["token_ids"]))
+    return {k: v.to(device) for k, v in batch.items()}, response.to(device), sampled.to(device)
 
 
-def token_logprobs(model, batch, response, chunk=512):
-    """log p(response token | everything before it), (B, T), and the per-token entropy (no grad).
+def token_logprobs(model, batch, response, temperature=1.0, chunk=512):
+    """log p(response token | everything before it), (B, T), and the per-token entropy (no grad), under the
+    sampling distribution softmax(logits / temperature), so the PPO ratio compares what was actually sampled.
 
     Only the response positions go through the LM head (logits_to_keep), and the float32 log-softmax is taken
     in chunks of positions, since B x T x vocab floats would not fit for long responses.
@@ -134,7 +148,7 @@ def token_logprobs(model, batch, response, chunk=512):
                    logits_to_keep=T + 1).logits[:, :-1]  # position t predicts response token t
     logps, entropies = [], []
     for s in range(0, T, chunk):
-        lp = torch.log_softmax(logits[:, s:s + chunk].float(), dim=-1)
+        lp = torch.log_softmax(logits[:, s:s + chunk].float() / temperature, dim=-1)
         logps.append(lp.gather(-1, response[:, s:s + chunk, None])[..., 0])
         with torch.no_grad():
             entropies.append(-(lp.exp() * lp).sum(-1))
@@ -163,25 +177,34 @@ def rollouts(infer, processor, prompts, args, seeds):
                                     think_budget=args.think_budget, answer_budget=args.answer_budget,
                                     batch_size=args.gen_batch, seed=seeds)
     return [{"group": g, "messages": p["messages"], "answer": p["answer"], "options": p["options"],
-             "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason}
+             "token_ids": c.token_ids, "sampled": c.sampled, "text": c.text, "finish_reason": c.finish_reason}
             for (g, p), c in zip(expanded, completions)]
 
 
 def score(rows, args):
+    # The training prompt (appendix C) asks for the answer inside <answer> tags: a response without them has
+    # given no answer and earns 0, however right its last number (require_tags; evaluation stays lenient).
     return torch.tensor(rewards.batch_rewards([r["text"] for r in rows], [r["answer"] for r in rows],
-                                              [r["options"] for r in rows], processes=args.reward_processes))
+                                              [r["options"] for r in rows], processes=args.reward_processes,
+                                              require_tags=True))
 
 
 @torch.no_grad()
 def old_and_ref_logprobs(policy, reference, processor, rows, args, device):
+    """Log-probs before the update (old) and under the frozen reference. With one PPO mini-batch the update's
+    own first forward is on-policy, so `update` takes old = its log-probs, detached, and this pass is skipped."""
+    need_old = args.ppo_mini_batches > 1
+    if not need_old and reference is None:
+        return
     for k in range(0, len(rows), args.micro_batch):
         mb = rows[k:k + args.micro_batch]
         batch, response, _ = sequence_batch(processor, mb, device)
-        old, _ = token_logprobs(policy, batch, response)
-        ref = token_logprobs(reference, batch, response)[0] if reference is not None else old
+        old = token_logprobs(policy, batch, response, args.temperature)[0] if need_old else None
+        ref = token_logprobs(reference, batch, response, args.temperature)[0] if reference is not None else None
         for i, r in enumerate(mb):
             n = len(r["token_ids"])
-            r["old_logp"], r["ref_logp"] = old[i, :n].cpu(), ref[i, :n].cpu()
+            r["old_logp"] = old[i, :n].cpu() if old is not None else None
+            r["ref_logp"] = ref[i, :n].cpu() if ref is not None else None
 
 
 def pad_rows(values, width, device):
@@ -193,26 +216,30 @@ def pad_rows(values, width, device):
 
 def update(policy, optimizer, trainable, processor, rows, args, world, device):
     """Steps 5-6: the loss over `ppo_mini_batches` mini-batches, each one optimizer step."""
-    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0,
+             "ratio_dev": 0.0}
     size = -(-len(rows) // args.ppo_mini_batches)
     for m in range(0, len(rows), size):
         mini = rows[m:m + size]
-        n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(len(r["token_ids"]) for r in mini)), device=device))
+        n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(sum(r.get("sampled") or [1] * len(r["token_ids"]))
+                                                             for r in mini)), device=device))
         micro = [mini[k:k + args.micro_batch] for k in range(0, len(mini), args.micro_batch)]
         for j, mb in enumerate(micro):
             if hasattr(policy, "set_requires_gradient_sync"):
                 policy.set_requires_gradient_sync(j == len(micro) - 1)
             batch, response, mask = sequence_batch(processor, mb, device)
-            logp, entropy = token_logprobs(policy, batch, response)
+            logp, entropy = token_logprobs(policy, batch, response, args.temperature)
             width = response.shape[1]
-            loss, s = policy_loss(logp, pad_rows([r["old_logp"] for r in mb], width, device),
-                                  pad_rows([r["ref_logp"] for r in mb], width, device),
-                                  torch.tensor([r["advantage"] for r in mb], device=device), mask,
-                                  n_tokens, args.eps_low, args.eps_high, args.beta)
+            # one mini-batch: this forward is on-policy, so the old log-probs are these, detached (ratio = 1)
+            old = logp.detach() if mb[0].get("old_logp") is None else pad_rows([r["old_logp"] for r in mb], width, device)
+            ref = pad_rows([r["ref_logp"] for r in mb], width, device) if args.beta else logp.detach()
+            loss, s = policy_loss(logp, old, ref, torch.tensor([r["advantage"] for r in mb], device=device), mask,
+                                  n_tokens, args.eps_low, args.eps_high, args.beta, args.dual_clip)
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
             stats["loss"] += loss.item()
             stats["kl"] += s["kl"]
             stats["clipped"] += s["clipped"]
+            stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"])
             stats["entropy"] += (entropy * mask).sum().item()
             stats["tokens"] += mask.sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
@@ -285,7 +312,7 @@ def main(argv=None):
             r.sum().item(), len(rows), float((r.view(-1, args.group_size).std(1) == 0).sum()), r.numel() // args.group_size,
             lengths.sum().item(), sum(x["finish_reason"] == "length" for x in rows),
             sum(x["finish_reason"] == "forced_exit" for x in rows), s["kl"], s["clipped"], s["entropy"], s["tokens"],
-            s["loss"]],
+            s["loss"], sum(rewards.extract_answer(x["text"], require_tags=True) is not None for x in rows)],
             dtype=torch.float64, device=device))
         max_len = torch.tensor([lengths.max().item()], device=device)
         if dist.is_initialized():
@@ -295,7 +322,8 @@ def main(argv=None):
                "response_len_max": max_len.item(), "clip_ratio": sums[5].item() / sums[1].item(),
                "forced_exit": sums[6].item() / sums[1].item(), "kl": sums[7].item() / sums[10].item(),
                "policy_clipped": sums[8].item() / sums[10].item(), "entropy": sums[9].item() / sums[10].item(),
-               "loss": sums[11].item(), "grad_norm": s["grad_norm"], "lr": lr, **{f"sec_{k}": v for k, v in times.items()}}
+               "loss": sums[11].item(), "tagged": sums[12].item() / sums[1].item(), "ratio_dev": s["ratio_dev"],
+               "grad_norm": s["grad_norm"], "lr": lr, **{f"sec_{k}": v for k, v in times.items()}}
         metrics.log(**row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
         bar.update(1)

@@ -83,12 +83,23 @@ def test_loss_falls_and_the_format_is_learned(sft_tiny):
         assert o.text.startswith("<think>\n") and "\n</think>\n<answer>\n" in o.text and o.text.endswith("</answer>")
 
 
-def test_metrics_have_what_a_researcher_reads(sft_tiny):
-    _, metrics = sft_tiny
+def test_metrics_have_what_a_researcher_reads(tmp_path):
+    sft.main(["--model", "tiny", "--data", "toy", "--global-batch", "50", "--micro-batch", "25", "--epochs", "3",
+              "--lr", "1e-3", "--out", str(tmp_path)])
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "padding", "mfu"} <= metrics[0].keys()
-    epochs = sorted({m["epoch"] for m in metrics})
-    lrs = {m["epoch"]: m["lr"] for m in metrics}
-    assert all(lrs[e] == pytest.approx(lrs[0] * 0.8 ** e) for e in epochs)  # x0.8 per epoch
+    assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]  # 100 examples, 50 a step
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 1e-3, 8e-4, 8e-4, 6.4e-4, 6.4e-4])  # B.1: x0.8 per epoch
+
+
+def test_gradient_clipping_is_off_by_default_as_in_b1(tmp_path, monkeypatch):
+    """Appendix B.1 lists no clipping: by default the norm is measured, not applied."""
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: norms.append(max_norm) or real(p, max_norm))
+    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(tmp_path / "a")])
+    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--clip", "0.5", "--out", str(tmp_path / "b")])
+    assert norms == [float("inf"), 0.5]
 
 
 def test_length_grouping_keeps_every_example_once_and_cuts_padding():
