@@ -20,6 +20,7 @@ caller's business (`shard()` below), so this function always takes a plain, unsh
 """
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -261,9 +262,11 @@ def select_correct(rows, completions, samples):
 
 
 def distil(model, processor, rows, samples=4, seed=0, **sampling):
-    """`samples` completions of each RL-schema row (data.load_rl_data), seeded per (row, sample); the correct ones."""
+    """`samples` completions of each RL-schema row (data.load_rl_data), seeded per (question, sample) so that
+    the split over ranks changes nothing; the correct ones."""
+    import zlib
     conversations = [r["messages"] for r in rows for _ in range(samples)]
-    seeds = [seed * 1_000_003 + i for i in range(len(conversations))]
+    seeds = [seed * 1_000_003 + zlib.crc32(f"{r['question']}/{k}".encode()) for r in rows for k in range(samples)]
     return select_correct(rows, generate(model, processor, conversations, seed=seeds, **sampling), samples)
 
 
@@ -293,19 +296,28 @@ def main(argv=None):
     from PIL import Image
     if args.distil and not args.output:
         ap.error("--distil needs --output")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
     model = data.load_model(args.model, dtype=dtype, device=device).eval()
     processor = data.load_processor(args.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size)
-    if args.distil:
+    if args.distil:  # under torchrun each rank takes every world-th question; rank 0 writes them all
+        import sft
+        rank, world, _ = sft.setup_distributed()
         rows = data.load_rl_data(args.distil)
-        kept = distil(model, processor, rows, args.samples, args.seed, progress=True, **sampling)
-        data.write_jsonl(args.output, kept)
-        print(f"distil: kept {len(kept)} of {len(rows) * args.samples} completions ({len(rows)} questions x "
-              f"{args.samples}); wrote {args.output}", file=sys.stderr)
+        kept = distil(model, processor, shard(rows, rank, world), args.samples, args.seed, progress=rank == 0,
+                      **sampling)
+        if world > 1:
+            import torch.distributed as dist
+            parts = [None] * world
+            dist.all_gather_object(parts, kept)
+            kept = [row for part in parts for row in part]
+        if rank == 0:
+            data.write_jsonl(args.output, kept)
+            print(f"distil: kept {len(kept)} of {len(rows) * args.samples} completions ({len(rows)} questions x "
+                  f"{args.samples}); wrote {args.output}", file=sys.stderr)
         return kept
     if args.input:
         rows = data.read_rows(args.input)

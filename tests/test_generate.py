@@ -155,3 +155,80 @@ def test_cli_prompt(tiny_path, tmp_path):
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "out.jsonl").read_text())
     assert row["num_tokens"] == 5 and row["finish_reason"] == "length"
+
+
+# ----------------------------------------------------------------------------------------------------
+# A text-only teacher (QwQ-32B's shape) and distillation for X-Reasoner-Med (§3.2)
+
+def test_a_text_only_causal_lm_generates_like_model_generate():
+    """The same decode loop drives a Qwen2 causal LM: ordinary 1-D positions after the left padding."""
+    teacher, tok = data.load_model("tiny-text").eval(), data.load_processor("tiny-text")
+    assert not hasattr(teacher.model, "get_rope_index") and data.tokenizer_of(tok) is tok
+    convs = [[data.user_message("What is 2 + 3?")], [data.user_message("A much longer prompt " * 6)]]
+    ours = G.generate(teacher, tok, convs, max_new_tokens=10, batch_size=2)  # one left-padded batch
+    for chat, c in zip(convs, ours):
+        inputs = G.encode(tok, chat)
+        ref = teacher.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert c.token_ids == ref.tolist()
+    assert G.encode(tok, convs[0])["input_ids"].shape[1] < 40  # content parts became one string, not a repr
+    a = G.generate(teacher, tok, convs, max_new_tokens=8, temperature=1.0, seed=[5, 6], batch_size=1)
+    b = G.generate(teacher, tok, convs, max_new_tokens=8, temperature=1.0, seed=[5, 6], batch_size=2)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_select_correct_keeps_right_answers_in_the_papers_format():
+    rows = [{"question": "Q1 Options:\n\nA: x\nB: y", "answer": "B", "options": ["x", "y"]},
+            {"question": "What is 2 + 2?", "answer": "4", "options": None}]
+    texts = ["<think>y fits</think><answer>B</answer>",           # right
+             "y fits\n</think>\n<answer>B: y</answer>",            # right; the teacher's template opened <think>
+             "<think>x</think><answer>A</answer>",                 # wrong letter
+             "The answer is B",                                    # right letter, but no tags: not SFT material
+             "<think>2+2</think><answer>4</answer>",               # right
+             "<think>2+2</think><answer>5</answer>"]               # wrong
+    completions = [G.Completion(t, [], "stop", 0) for t in texts]
+    kept = G.select_correct(rows, completions, samples=3)
+    assert [k["response"] for k in kept] == [texts[0], "<think>\n" + texts[1], texts[4]]
+    assert [k["question"] for k in kept] == [rows[0]["question"]] * 2 + [rows[1]["question"]]
+    for k in kept:  # what sft.py reads back: the training prompt with the same question text
+        assert data.parse_sft_row(k) == (k["question"], k["response"])
+
+
+def test_x_reasoner_med_chain_distil_then_sft_then_grpo(tmp_path, monkeypatch):
+    """The three commands of the README on toy MedQA rows: distil with a teacher (its completions scripted,
+    half right), SFT the tiny VLM on what was kept, then GRPO on the same questions."""
+    import json
+    import grpo
+    import sft
+    medqa = str(data.TOY_DIR / "medqa.jsonl")
+    rows = data.load_rl_data(medqa)
+    real = G.generate
+    calls = []
+
+    def teacher(model, processor, conversations, **kw):  # the real loop runs; its texts are then scripted
+        out = real(model, processor, conversations, **{**kw, "max_new_tokens": 4})
+        calls.append(len(conversations))
+        for i, c in enumerate(out):
+            row = rows[i // 2]
+            letter = row["answer"] if i % 2 == 0 else next(l for l in "ABCD" if l != row["answer"])
+            c.text = f"Reasoning about the options.\n</think>\n<answer>{letter}</answer>"
+        return out
+    monkeypatch.setattr(G, "generate", teacher)
+    out = tmp_path / "medqa_cot.jsonl"
+    kept = G.main(["--model", "tiny-text", "--distil", medqa, "--samples", "2", "--temperature", "0.6",
+                   "--output", str(out)])
+    assert calls == [2 * len(rows)] and len(kept) == len(rows)  # one right completion of two, per question
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == kept and all(w["response"].startswith("<think>\n") for w in written)
+    monkeypatch.setattr(G, "generate", real)
+    sft.main(["--model", "tiny", "--data", str(out), "--global-batch", str(len(rows)), "--micro-batch", "1",
+              "--epochs", "1", "--out", str(tmp_path / "med-sft")])
+    grpo.main(["--model", str(tmp_path / "med-sft" / "final"), "--data", medqa, "--prompts-per-step", "2",
+               "--group-size", "2", "--max-new-tokens", "8", "--max-steps", "1", "--out", str(tmp_path / "med-grpo")])
+    assert (tmp_path / "med-grpo" / "final" / "config.json").exists()
+
+
+def test_distil_with_a_real_teacher_runs(tmp_path):
+    """Unscripted, a random tiny teacher is never right: the run still completes and writes an empty set."""
+    kept = G.main(["--model", "tiny-text", "--distil", str(data.TOY_DIR / "medqa.jsonl"), "--samples", "2",
+                   "--temperature", "1.0", "--max-new-tokens", "6", "--output", str(tmp_path / "d.jsonl")])
+    assert kept == [] and (tmp_path / "d.jsonl").read_text() == ""
