@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 evaluate.py --bench mmmu-pro,medqa --model runs/grpo/final
     python evaluate.py --bench mathvista,mmmu,medqa --model tiny --data toy   # offline, on CPU
 
-Protocol (§3, appendix C): the multiple-choice template for questions with options, the math template
-otherwise; images as chat image parts; greedy decoding; forced exit after 4,096 thinking tokens. Each
+Protocol (§3, appendix C): the math template for the mathematical benchmarks (MathVista, MathVision, GSM8K),
+the multiple-choice template for the rest; images as chat image parts; greedy decoding; at most 4,096
+generated tokens, the forced exit (after 3,584 thinking tokens) inside them. Each
 benchmark is one entry in BENCHMARKS (where its rows come from, how a row becomes a prompt, how a response is
 judged). Judging is by rules, never by another model: an answer in <answer> tags is read with rewards.py;
 untagged prose falls back to each benchmark's official rules (MMMU's parser, MathVista's normalisation),

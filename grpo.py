@@ -6,11 +6,14 @@
 One step, in reading order (each a function below):
     1. rollouts          every rank samples `group_size` answers for its share of the prompts (generate.py),
                          from an unsharded inference copy of the policy
-    2. rewards           rewards.py: 1 if the final answer is right, else 0 (multiple choice for rows with options)
+    2. rewards           rewards.py: 1 if the answer inside <answer> tags is right, else 0 (multiple choice for
+                         rows with options)
     3. group_advantages  A = (r - mean(r)) / (std(r) + eps) within each prompt's group (eq. 1)
-    4. log-probs         of the sampled tokens under the policy before the update (old) and the frozen reference
-    5. policy_loss       clipped surrogate with clip-higher (eps_low 0.2, eps_high 0.28) + beta * k3 KL, summed over
-                         response tokens and divided by the number of response tokens across all ranks
+    4. log-probs         of the sampled tokens under the frozen reference, and under the policy before the update
+                         (old) when there are several PPO mini-batches; with one, the update's own are the old
+    5. policy_loss       clipped surrogate with clip-higher (eps_low 0.2 from B.2; eps_high 0.28, DAPO's value: the
+                         paper gives none) and verl's dual-clip + beta * k3 KL, summed over sampled response
+                         tokens and divided by their number across all ranks
     6. update            AdamW over `ppo_mini_batches` mini-batches, gradient accumulation over micro-batches
     7. refresh           copy the new weights into the inference copy
 
