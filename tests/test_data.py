@@ -37,9 +37,12 @@ def test_templates_are_the_papers_word_for_word():
     assert data.TRAIN_PROMPT == PAPER_TRAIN
     assert data.EVAL_MC_PROMPT == PAPER_MC
     assert data.EVAL_MATH_PROMPT == PAPER_MATH
-    assert data.eval_prompt("Q?", ["yes", "no"], kind="mc") == PAPER_MC.format(question="Q?") + \
+    assert data.eval_prompt("Q?", ["yes", "no"], template="mc") == PAPER_MC.format(question="Q?") + \
         " Options:\n\nA: yes\nB: no"
-    assert data.eval_prompt("1+1?", kind="math") == PAPER_MATH.format(question="1+1?")
+    assert data.eval_prompt("1+1?", template="math") == PAPER_MATH.format(question="1+1?")
+    # appendix C's math template also carries options (MathVista's multiple-choice items)
+    assert data.eval_prompt("Q?", ["3", "4"], template="math") == PAPER_MATH.format(question="Q?") + \
+        " Options:\n\nA: 3\nB: 4"
 
 
 def test_openthoughts_row_becomes_paper_format():
