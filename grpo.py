@@ -137,25 +137,27 @@ def sequence_batch(processor, rows, device):
     return {k: v.to(device) for k, v in batch.items()}, response.to(device), sampled.to(device)
 
 
-def token_logprobs(model, batch, response, temperature=1.0, chunk=512):
+def token_logprobs(model, batch, response, temperature=1.0, chunk=1024):
     """log p(response token | everything before it), (B, T), and the per-token entropy (no grad), under the
     sampling distribution softmax(logits / temperature), so the PPO ratio compares what was actually sampled.
 
-    Only the response positions go through the LM head (logits_to_keep), and the float32 log-softmax is taken
-    in chunks of positions, since B x T x vocab floats would not fit for long responses.
+    Only the response positions meet the LM head, `chunk` of them at a time (sft.head_chunks): B x T x vocab
+    logits never exist at once, in the forward or the backward.
     """
     positions, _ = generate.rope_positions(model, batch)  # explicit: never the model's cached rope_deltas
-    T = response.shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                   pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                   logits_to_keep=T + 1).logits[:, :-1]  # position t predicts response token t
-    logps, entropies = [], []
-    for s in range(0, T, chunk):
-        lp = torch.log_softmax(logits[:, s:s + chunk].float() / temperature, dim=-1)
-        logps.append(lp.gather(-1, response[:, s:s + chunk, None])[..., 0])
-        with torch.no_grad():
-            entropies.append(-(lp.exp() * lp).sum(-1))
-    return torch.cat(logps, 1), torch.cat(entropies, 1)
+    B, T = response.shape
+    hidden = sft.last_hidden(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=positions, **generate.vision_inputs(batch))  # (B, P + T, H)
+    # Prompts are left-padded to end at one column, so the last T + 1 columns are [last prompt token, response]:
+    # column P - 1 + t predicts response token t, for every row alike.
+    h = hidden[:, -T - 1:-1].reshape(B * T, -1)                # (B*T, H)
+    y = response.reshape(-1)                                   # (B*T,)
+
+    def logp_and_entropy(logits, s):                           # logits: (chunk, vocab), float32
+        lp = torch.log_softmax(logits / temperature, dim=-1)
+        return lp.gather(-1, y[s, None])[:, 0], -(lp.exp() * lp).sum(-1).detach()
+    parts = sft.head_chunks(model, h, logp_and_entropy, chunk)
+    return torch.cat([p[0] for p in parts]).view(B, T), torch.cat([p[1] for p in parts]).view(B, T)
 
 
 @torch.no_grad()

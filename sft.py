@@ -254,11 +254,28 @@ def collate(examples, pad_id, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def token_loss_sum(model, ids, labels, mask):
+def last_hidden(model, **inputs):
+    """The final (normed) hidden states, (B, T, H), without the model's own B x T x vocab logits."""
+    return model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+
+
+def head_chunks(model, hidden, fn, chunk=1024):
+    """fn(float32 logits of `chunk` rows of hidden (N, H), chunk index) for every chunk, each under activation
+    checkpointing: neither forward nor backward ever holds more than one chunk's logits (all of them would be
+    4 x 4,096 x 152,064 floats = 10 GB for a 7B micro-batch, and as much again for their gradient)."""
+    from torch.utils.checkpoint import checkpoint
+    return [checkpoint(lambda h, s: fn(model.lm_head(h).float(), s), hidden[s:s + chunk], slice(s, s + chunk),
+                       use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
+
+
+def token_loss_sum(model, ids, labels, mask, chunk=1024):
     """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    hidden = last_hidden(model, input_ids=ids, attention_mask=mask)  # (B, T, H)
+    targets = labels[:, 1:]                                            # (B, T-1): position t predicts token t+1
+    keep = targets != -100
+    h, y = hidden[:, :-1][keep], targets[keep]                         # (N, H), (N,): only assistant positions
+    return sum(head_chunks(model, h, lambda logits, s: F.cross_entropy(logits, y[s], reduction="sum"), chunk),
+               hidden.new_zeros((), dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------

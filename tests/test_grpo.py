@@ -208,7 +208,7 @@ def test_grpo_raises_the_reward_of_an_sft_model(sft_tiny, tmp_path):
     mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
     first, last = mean("reward", rows[:15]), mean("reward", rows[-15:])
     assert last > first + 0.08, (first, last)
-    assert mean("tagged", rows[-15:]) > 0.95 and mean("response_len", rows[-15:]) > 30  # the format is kept
+    assert mean("tagged", rows[-15:]) > 0.9 and mean("response_len", rows[-15:]) > 30  # the format is kept
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,3 +292,29 @@ def test_forced_exit_tokens_carry_no_gradient(sft_tiny):
     a = grpo.policy_loss(logp, logp.detach() - 0.1, logp, zeros + 1, mask, mask.sum(), beta=0)[0]
     b = grpo.policy_loss(moved, logp.detach() - 0.1, logp, zeros + 1, mask, mask.sum(), beta=0)[0]
     assert a.item() == b.item()
+
+
+def test_chunked_token_logprobs_equal_the_full_logits(model, processor):
+    """token_logprobs through sft.head_chunks == log_softmax of the model's own logits for the response
+    positions, values and gradients (relative 1e-6), for one chunk and for many."""
+    rows = data.load_rl_data("toy")[:3]
+    for i, r in enumerate(rows):
+        r["token_ids"] = list(range(40, 45 + 3 * i))  # ragged responses
+    batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
+    model.double()  # float64 weights: only the order of sums, not the method, could make a difference
+    positions, _ = generate.rope_positions(model, batch)
+    T = response.shape[1]
+
+    def grads(value):
+        model.zero_grad()
+        value.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros(()) for p in model.parameters()]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                   logits_to_keep=T + 1).logits[:, :-1]
+    full = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, response[..., None])[..., 0]
+    full_grads = grads((full * mask).sum())
+    for chunk in (4, 1024):
+        logp, entropy = grpo.token_logprobs(model, batch, response, 0.7, chunk=chunk)
+        assert torch.allclose(logp, full.detach(), atol=1e-6) and not entropy.requires_grad
+        for a, b in zip(grads((logp * mask).sum()), full_grads):
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12
