@@ -479,19 +479,40 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+def model_class(config):
+    """Qwen2.5-VL; a text-only causal LM (a distillation teacher such as QwQ-32B) when there is no vision part."""
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
+
+
 def load_model(name, dtype=None, device="cpu"):
-    """Qwen2.5-VL from a hub id, a local directory (e.g. an SFT checkpoint) or `tiny`; a text-only causal LM
-    (a distillation teacher such as Qwen/QwQ-32B, or `tiny-text`) when the config has no vision part."""
+    """A model from a hub id, a local directory (e.g. an SFT checkpoint), `tiny` or `tiny-text`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig
     path = resolve_model(name)
     try:
-        vision = hasattr(AutoConfig.from_pretrained(path), "vision_config")
-        cls = Qwen2_5_VLForConditionalGeneration if vision else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=dtype or torch.float32)
+        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype or torch.float32)
     except OSError as e:
         raise DataError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
     return model.to(device)
+
+
+def model_from_config(name, dtype=None):
+    """The model's architecture with uninitialised weights, on the current default device (`with
+    torch.device("meta")`: no memory at all), and its generation settings; load_sharded fills it in."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+    path = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = model_class(config)._from_config(config, dtype=dtype or torch.float32)
+    except OSError as e:
+        raise DataError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass  # none saved: the defaults from_pretrained would use too
+    return model
 
 
 if __name__ == "__main__":

@@ -164,10 +164,20 @@ def token_logprobs(model, batch, response, temperature=1.0, chunk=1024):
 def refresh_inference_copy(policy, copy):
     """Copy the trained (possibly FSDP-sharded) weights into the unsharded model that generates rollouts.
     One parameter at a time, so the all-gather never holds more than one full tensor (collective)."""
-    copies = dict(copy.named_parameters())
-    for name, p in policy.named_parameters():
+    copies = dict(copy.named_parameters()) | dict(copy.named_buffers())
+    for name, p in [*policy.named_parameters(), *policy.named_buffers()]:  # buffers: rotary inv_freq, unsharded
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         copies[name].copy_(full.to(copies[name].dtype))
+
+
+def inference_copy(policy, name, dtype, device):
+    """An unsharded copy of the policy for rollouts, built empty and filled from the policy's shards (no second
+    read of the checkpoint from disk)."""
+    with torch.device("meta"):
+        copy = data.model_from_config(name, dtype)
+    copy.to_empty(device=device)
+    refresh_inference_copy(policy, copy)
+    return copy.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,9 +239,7 @@ def update(policy, optimizer, trainable, processor, rows, args, world, device):
         n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(sum(r.get("sampled") or [1] * len(r["token_ids"]))
                                                              for r in mini)), device=device))
         micro = [mini[k:k + args.micro_batch] for k in range(0, len(mini), args.micro_batch)]
-        for j, mb in enumerate(micro):
-            if hasattr(policy, "set_requires_gradient_sync"):
-                policy.set_requires_gradient_sync(j == len(micro) - 1)
+        for mb in micro:  # gradients reduce-scattered every micro-batch (see sft.py: no unsharded accumulation)
             batch, response, mask = sequence_batch(processor, mb, device)
             logp, entropy = token_logprobs(policy, batch, response, args.temperature)
             width = response.shape[1]
@@ -266,13 +274,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     prompts = data.load_rl_data(args.data)
     processor = data.load_processor(args.model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    infer = data.load_model(args.model, dtype=dtype, device=device).eval()  # unsharded copy for rollouts
-    policy = sft.shard_model(data.load_model(args.model), device)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # fp32 master weights, sharded, with activation checkpointing on GPU (4,096-token responses)
+    policy = sft.load_sharded(args.model, device, checkpointing=device.type == "cuda")
     reference = None
-    if args.beta:
-        reference = sft.shard_model(data.load_model(args.model), device).eval()
-        reference.requires_grad_(False)
+    if args.beta:  # frozen, so its shards need no fp32 master copy
+        reference = sft.load_sharded(args.model, device, dtype=compute).eval().requires_grad_(False)
+    infer = inference_copy(policy, args.model, compute, device)  # unsharded, for rollouts
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)

@@ -88,20 +88,53 @@ def barrier():
         dist.barrier()
 
 
-def shard_model(model, device, train_vision=False, checkpointing=False):
-    """FSDP2: one unit per decoder layer and per vision block, then the root; bf16 compute on GPU with fp32
-    gradient reduction. Parameters stay fp32 (the optimizer's master copy)."""
+def shard_model(model, device, train_vision=False, checkpointing=False, bf16=None, mesh=None):
+    """FSDP2: one unit per decoder layer and per vision block, then the root; bf16 compute (default: on GPU)
+    with fp32 gradient reduction. Parameters keep their dtype (fp32: the optimizer's master copy)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model.model.visual.requires_grad_(train_vision)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not dist.is_initialized():
         return model.to(device)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, mesh=mesh)
+    fully_shard(model, mp_policy=policy, mesh=mesh)
+    return model
+
+
+def load_sharded(name, device, train_vision=False, checkpointing=False, dtype=torch.float32, bf16=None):
+    """The model, FSDP-sharded, read from disk by rank 0 alone: the other ranks build it on the meta device (no
+    memory), then every tensor is scattered from rank 0 straight into its shards, one tensor at a time, so host
+    memory holds one full copy (rank 0's), not one per rank."""
+    if not dist.is_initialized():
+        return shard_model(data.load_model(name, dtype), device, train_vision, checkpointing, bf16)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    full = None
+    if dist.get_rank() == 0:
+        loaded = data.load_model(name, dtype)
+        full = {**loaded.state_dict(), **dict(loaded.named_buffers())}
+        del loaded
+    with torch.device("meta"):
+        model = data.model_from_config(name, dtype)
+    shard_model(model, device, train_vision, checkpointing, bf16)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for key, target in [*model.state_dict().items(), *model.named_buffers()]:  # buffers: rotary inv_freq
+            source = full[key].to(device) if full is not None else \
+                torch.empty(target.shape, dtype=target.dtype, device=device)
+            if isinstance(target, DTensor):  # rank 0's tensor, cut into the shards FSDP placed
+                target.to_local().copy_(distribute_tensor(source, target.device_mesh, target.placements,
+                                                          src_data_rank=0).to_local())
+            else:
+                dist.broadcast(source, src=0)
+                target.copy_(source)
+            del source
+    if full is not None:
+        full.clear()
     return model
 
 
@@ -271,10 +304,10 @@ def head_chunks(model, hidden, fn, chunk=1024):
 def token_loss_sum(model, ids, labels, mask, chunk=1024):
     """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count."""
     hidden = last_hidden(model, input_ids=ids, attention_mask=mask)  # (B, T, H)
-    targets = labels[:, 1:]                                            # (B, T-1): position t predicts token t+1
-    keep = targets != -100
-    h, y = hidden[:, :-1][keep], targets[keep]                         # (N, H), (N,): only assistant positions
-    return sum(head_chunks(model, h, lambda logits, s: F.cross_entropy(logits, y[s], reduction="sum"), chunk),
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                   # (B*(T-1), H): position t predicts t+1
+    y = labels[:, 1:].reshape(-1)                                      # (B*(T-1),), -100 outside the reply
+    return sum(head_chunks(model, h, lambda logits, s: F.cross_entropy(logits, y[s], ignore_index=-100,
+                                                                       reduction="sum"), chunk),
                hidden.new_zeros((), dtype=torch.float32))
 
 
@@ -296,16 +329,15 @@ def main(argv=None):
     if args.global_batch % (args.micro_batch * world):
         raise data.DataError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch "
                              f"{args.micro_batch} x {world} ranks")
-    accum = micro_per_step // world  # gradient accumulation fills the gap between devices and the global batch
 
     processor = data.load_processor(args.model)
     examples = data.load_sft_data(args.data, processor, args.max_len)
     if len(examples) < args.global_batch:
         raise data.DataError(f"{len(examples)} examples cannot fill one global batch of {args.global_batch}")
     lengths = [len(e["input_ids"]) for e in examples]
-    model = data.load_model(args.model)  # fp32 master weights; FSDP casts to bf16 for compute on GPU
     checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
-    model = shard_model(model, device, args.train_vision, checkpointing)
+    # fp32 master weights, read by rank 0 and broadcast as shards; FSDP casts to bf16 for compute on GPU
+    model = load_sharded(args.model, device, args.train_vision, checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in trainable)  # a sharded DTensor reports its full size
@@ -331,9 +363,9 @@ def main(argv=None):
         # Every rank knows the whole global batch, so the normalizer needs no communication.
         n_target = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in batch)
         start, loss_sum, tokens, padded = time.perf_counter(), torch.zeros(1, device=device), 0, 0
-        for k, mb in enumerate(micro_batches(batch, lengths, args.micro_batch, rank, world)):
-            if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter once per step, not per micro-batch
-                model.set_requires_gradient_sync(k == accum - 1)
+        # Every micro-batch's gradients are reduce-scattered at once into the fp32 shards: skipping the sync
+        # would make FSDP keep a full unsharded gradient (30 GB for the 7B) between micro-batches.
+        for mb in micro_batches(batch, lengths, args.micro_batch, rank, world):
             ids, labels, mask = collate([examples[i] for i in mb], pad, device)
             loss = token_loss_sum(model, ids, labels, mask)
             # Mean over all assistant tokens of the global batch; FSDP averages gradients over ranks, so x world.

@@ -178,3 +178,51 @@ def test_chunked_lm_head_loss_equals_the_full_logits_loss():
         assert loss.item() == pytest.approx(full.item(), rel=1e-6)
         for a, b in zip(grads(loss), full_grads):
             assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12
+
+
+LOAD_SCRIPT = '''
+import json, resource, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+import sft
+rank, world, device = sft.setup_distributed()
+with torch.device("meta"):  # import the model code first: its ~250 MB are not the load's
+    sft.data.model_from_config(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = sft.load_sharded(sys.argv[1], device)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+sums = {n: [float(p.full_tensor().double().sum()), float(p.full_tensor().double().square().sum())]
+        for n, p in model.named_parameters()}
+json.dump({"before": before, "after": after, "sums": sums}, open(f"{sys.argv[2]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+'''
+
+
+def test_only_rank_0_reads_the_checkpoint(tmp_path):
+    """torchrun x 2 on a 108M-parameter Qwen2.5-VL (432 MB in fp32): rank 1 builds the model on the meta device
+    and receives its shards, so its resident memory grows by well under one fp32 copy (reading the checkpoint
+    itself would cost a full copy on top of its shard), and both ranks hold exactly the checkpoint's weights."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    config = data.load_model("tiny").config
+    tc = config.text_config
+    tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.num_attention_heads = 1024, 3072, 9, 16
+    tc.layer_types = ["full_attention"] * 9
+    config.vision_config.out_hidden_size = 1024
+    torch.manual_seed(0)
+    big = Qwen2_5_VLForConditionalGeneration(config)
+    n_params = sum(p.numel() for p in big.parameters())
+    assert n_params >= 100e6
+    big.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "load.py").write_text(LOAD_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "load.py"), str(tmp_path / "ckpt"), str(tmp_path), str(ROOT)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    copy = 4 * n_params
+    grown = ranks[1]["after"] - ranks[1]["before"]
+    assert grown < 0.75 * copy, (grown / copy)  # its half of the shards and some broadcast buffers, not a copy
+    expected = {n: [p.double().sum().item(), p.double().square().sum().item()] for n, p in big.named_parameters()}
+    for rank in ranks:
+        assert rank["sums"].keys() == expected.keys()
+        assert all(rank["sums"][n] == pytest.approx(expected[n], rel=1e-9) for n in expected)
