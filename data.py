@@ -84,7 +84,7 @@ def read_rows(source, split="train", toy=None, config=None):
             rows = json.loads(path.read_text())
             return list(rows.values()) if isinstance(rows, dict) else rows  # MathVista: {pid: row}
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return list(iter_jsonl(path))
         if path.suffix == ".parquet":
             import datasets
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -119,11 +119,31 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
+def iter_jsonl(path):
+    """The rows of a JSONL file one at a time; a line that is not JSON becomes a ValueError naming file and line,
+    which convert_rows counts as a malformed row instead of stopping."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield ValueError(f"{path} line {n} is not JSON ({e.msg})")
+
+
+def iter_rows(source, toy=None):
+    """Like read_rows, but a local JSONL file is streamed rather than held in memory at once."""
+    path = Path(str(TOY[toy]) if source == "toy" else source)
+    return iter_jsonl(path) if path.is_file() and path.suffix == ".jsonl" else read_rows(source, toy=toy)
+
+
 def convert_rows(rows, parse, what):
     """Apply `parse` to every row; count and report the malformed ones (parse raises ValueError/KeyError...)."""
     out, bad, first_error = [], 0, None
     for row in rows:
         try:
+            if isinstance(row, Exception):  # a row that could not even be read (iter_jsonl)
+                raise row
             out.append(parse(row))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:  # OSError: images
             bad += 1
@@ -296,15 +316,146 @@ def sft_example(question, answer, processor, max_len):
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
-def load_sft_data(source, processor, max_len=4096):
-    """OpenThoughts rows -> tokenized examples; prints how many were truncated."""
-    from tqdm import tqdm
-    rows = read_rows(source, toy="sft")
-    examples = convert_rows(tqdm(rows, desc="tokenize", disable=len(rows) < 1000, mininterval=5),
-                            lambda r: sft_example(*parse_sft_row(r), processor, max_len), "sft data")
-    n_trunc = sum(e["truncated"] for e in examples)
-    print(f"sft data: {len(examples)} examples, {n_trunc} truncated to {max_len} tokens", file=sys.stderr)
+def load_sft_data(source, processor, max_len=4096, build=True, wait=None):
+    """The tokenized SFT set (SFTSet), from a cache tokenized once per machine (sft_cache). Under torchrun the
+    ranks with `build` (local rank 0) make it while the others wait in `wait()`, then all of them map it."""
+    path = sft_cache(source, processor, max_len)
+    error = None
+    if build and not (path / "meta.json").exists():
+        try:
+            build_sft_cache(source, processor, max_len, path)
+        except DataError as e:  # every rank must still reach wait(), or the others would hang
+            error = e
+    if wait is not None and wait(error is not None):
+        raise error or DataError(f"sft data: preparing {source} failed on another rank (its error says why)")
+    if error:
+        raise error
+    examples = SFTSet(path)
+    m = examples.meta
+    print(f"sft data: {len(examples)} examples, {m['truncated']} truncated to {max_len} tokens"
+          + (f", {m['skipped']} malformed rows skipped" if m["skipped"] else "") + f" (cache {path})", file=sys.stderr)
     return examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# The SFT set at scale: tokenized once per machine into an int32 file that every rank maps from disk. 114k
+# conversations of up to 4,096 tokens are ~1 GB as int32 but 15-20 GB as Python lists of ints, per rank.
+
+SFT_CACHE_VERSION = 1  # bump when sft_example's output changes
+
+
+def source_identity(source):
+    """What the tokenized set depends on in the source: a file's path, size and mtime, or a hub dataset's
+    fingerprint."""
+    path = Path(str(TOY["sft"]) if source == "toy" else source)
+    if path.is_file():
+        stat = path.stat()
+        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    rows = read_rows(source, toy="sft")
+    return [source, getattr(rows, "_fingerprint", None) or len(rows)]
+
+
+def sft_cache(source, processor, max_len):
+    """The cache directory for this source, tokenizer, chat template and max_len."""
+    tok = tokenizer_of(processor)
+    template = getattr(processor, "chat_template", None) or tok.chat_template
+    key = json.dumps([source_identity(source), tok.backend_tokenizer.to_str(), template, max_len, SFT_CACHE_VERSION])
+    return CACHE / "sft" / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _tokenize_chunk(rows):
+    """Worker: rows -> (int32 token bytes, length, first labeled position, truncated) or the error's text."""
+    import numpy as np
+    out = []
+    for row in rows:
+        try:
+            if isinstance(row, Exception):
+                raise row
+            e = sft_example(*parse_sft_row(row), _WORKER["processor"], _WORKER["max_len"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            out.append(f"{type(err).__name__}: {err}")
+            continue
+        start = next(i for i, label in enumerate(e["labels"]) if label != -100)
+        if any(label == -100 for label in e["labels"][start:]):  # the reply is one span at the end
+            raise AssertionError("sft_example produced a non-contiguous label span")
+        out.append((np.asarray(e["input_ids"], dtype=np.int32).tobytes(), len(e["input_ids"]), start, e["truncated"]))
+    return out
+
+
+_WORKER = {}
+
+
+def _chunks(rows, size=256):
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_sft_cache(source, processor, max_len, path, processes=None):
+    """Tokenize every row once (in `processes` worker processes) into path/tokens.bin (int32, concatenated),
+    path/index.pt ((N, 3): offset, length, first labeled position) and path/meta.json; written aside, renamed."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    import torch
+    from tqdm import tqdm
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    _WORKER.update(processor=processor, max_len=max_len)  # fork: the workers inherit the processor
+    processes = processes or min(8, os.cpu_count() or 1)
+    index, bad, first_error, truncated, offset = [], 0, None, 0, 0
+    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5) as bar, \
+            multiprocessing.get_context("fork").Pool(processes) as pool:
+        for results in pool.imap(_tokenize_chunk, _chunks(iter_rows(source, toy="sft"))):
+            for r in results:
+                if isinstance(r, str):
+                    bad, first_error = bad + 1, first_error or r
+                    continue
+                f.write(r[0])
+                index.append((offset, r[1], r[2]))
+                offset, truncated = offset + r[1], truncated + r[3]
+            bar.update(len(results))
+    if bad:
+        print(f"sft data: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})", file=sys.stderr)
+    if not index:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"sft data: no usable rows ({bad} malformed; first: {first_error})")
+    torch.save(torch.tensor(index, dtype=torch.int64), tmp / "index.pt")
+    (tmp / "meta.json").write_text(json.dumps({"source": str(source), "examples": len(index), "tokens": offset,
+                                               "truncated": truncated, "skipped": bad, "max_len": max_len}))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another machine sharing this cache finished first; its files are the same
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class SFTSet:
+    """The tokenized SFT set, mapped from disk: only the pages a rank reads become resident."""
+
+    def __init__(self, path):
+        import torch
+        index = torch.load(Path(path) / "index.pt")  # (N, 3): offset, length, first labeled position
+        self.meta = json.loads((Path(path) / "meta.json").read_text())
+        self.offsets, self.label_starts = index[:, 0].tolist(), index[:, 2].tolist()
+        self.lengths = index[:, 1].tolist()
+        # tokens each sequence is trained to predict (position 0 predicts nothing)
+        self.n_target = (index[:, 1] - index[:, 2].clamp(min=1)).tolist()
+        self.tokens = torch.from_file(str(Path(path) / "tokens.bin"), shared=False, size=self.meta["tokens"],
+                                      dtype=torch.int32)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        ids = self.tokens[self.offsets[i]:self.offsets[i] + self.lengths[i]].long()
+        labels = ids.clone()
+        labels[:self.label_starts[i]] = -100
+        return {"input_ids": ids, "labels": labels}
 
 
 # ----------------------------------------------------------------------------------------------------

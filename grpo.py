@@ -17,8 +17,16 @@ One step, in reading order (each a function below):
     6. update            AdamW over `ppo_mini_batches` mini-batches, gradient accumulation over micro-batches
     7. refresh           copy the new weights into the inference copy
 
-Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine);
-the inference copy costs one unsharded bf16 model per GPU (15.2 GB for the 7B) on top of the FSDP shards.
+Memory (bench/bench_memory.py, 7B, 8 ranks, B.2's settings): rollouts come from an unsharded bf16 inference copy
+(15.4 GiB, filled from the policy's shards after every update) with a KV cache of up to 64 x 4,608 tokens
+(15.8 GiB); the policy is FSDP-sharded fp32 with activation checkpointing, the frozen reference sharded in bf16, and
+log-probs go through the LM head in chunks. Peak 48 GiB per GPU (80 GB cards). For 40 GB cards, --offload parks the
+training state (policy shards, AdamW state, reference) in host memory while the copy generates, and the copy while
+the policy trains, so the two phases never share the GPU: peak 33 GiB, at the cost of ~30 GB of host<->device
+copies per step.
+
+Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine, no
+tensor parallelism); rollouts run in plain PyTorch, not an optimized serving engine.
 """
 import argparse
 import random
@@ -73,6 +81,9 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--reward-processes", type=int, default=4)
+    ap.add_argument("--offload", action="store_true",
+                    help="keep the training state (policy shards, AdamW state, reference) in host memory during "
+                    "rollouts and the inference copy during the update: the paper's 7B run on 40 GB GPUs (ours)")
     return ap.parse_args(argv)
 
 
@@ -105,10 +116,10 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.
         kl = torch.clamp(torch.exp(log_r) - log_r - 1, max=10.0)  # k3 estimator of KL(policy || reference), >= 0
         per_token = per_token + beta * kl
     loss = (per_token * mask).sum() / n_tokens
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors: summing them needs no device sync per micro-batch
         clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-        stats = {"kl": (kl * mask).sum().item(), "clipped": (clipped.float() * mask).sum().item(),
-                 "ratio_dev": ((ratio - 1).abs() * mask).max().item() if mask.any() else 0.0}
+        stats = {"kl": (kl * mask).sum(), "clipped": (clipped.float() * mask).sum(),
+                 "ratio_dev": ((ratio - 1).abs() * mask).amax()}
     return loss, stats
 
 
@@ -168,6 +179,32 @@ def refresh_inference_copy(policy, copy):
     for name, p in [*policy.named_parameters(), *policy.named_buffers()]:  # buffers: rotary inv_freq, unsharded
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         copies[name].copy_(full.to(copies[name].dtype))
+
+
+def offload(tensors, host="cpu"):
+    """Copy the bytes behind `tensors` to host memory and free them on the device (resize the storage to 0). The
+    tensor objects stay, so FSDP and the optimizer keep their references; reload() refills the same storages."""
+    saved, seen = [], set()
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        storage = local.untyped_storage()
+        if storage._cdata in seen or storage.nbytes() == 0 or not storage.resizable():
+            continue  # not resizable: e.g. CPU weights still mapped from the checkpoint file (nothing to gain)
+        seen.add(storage._cdata)
+        saved.append((storage, torch.empty(0, dtype=torch.uint8, device=local.device).set_(storage).to(host, copy=True)))
+        storage.resize_(0)
+    return saved
+
+
+def optimizer_state(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+
+
+def reload(saved):
+    """Inverse of offload(): the bytes back into the same device storages."""
+    for storage, host in saved:
+        storage.resize_(host.numel())
+        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)
 
 
 def inference_copy(policy, name, dtype, device):
@@ -250,9 +287,9 @@ def update(policy, optimizer, trainable, processor, rows, args, world, device):
                                   n_tokens, args.eps_low, args.eps_high, args.beta, args.dual_clip)
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
             stats["loss"] += loss.item()
-            stats["kl"] += s["kl"]
-            stats["clipped"] += s["clipped"]
-            stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"])
+            stats["kl"] += s["kl"].item()
+            stats["clipped"] += s["clipped"].item()
+            stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"].item())
             stats["entropy"] += (entropy * mask).sum().item()
             stats["tokens"] += mask.sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
@@ -306,7 +343,13 @@ def main(argv=None):
         t = time.perf_counter()
         # Seeds follow (step, prompt), not the rank: the same rollouts on 1 GPU or 64.
         seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
+        # --offload: while the inference copy generates, the training state waits in host memory, and the
+        # other way round during the update, so each phase has the GPU to itself (40 GB cards)
+        parked = offload([*policy.parameters(), *optimizer_state(optimizer),
+                          *(reference.parameters() if reference is not None else [])]) if args.offload else []
         rows = rollouts(infer, processor, [prompts[i] for i in mine], args, seeds)
+        reload(parked)
+        parked = offload(infer.parameters()) if args.offload else []
         times["generate"], t = time.perf_counter() - t, time.perf_counter()
         r = score(rows, args)
         times["reward"], t = time.perf_counter() - t, time.perf_counter()
@@ -317,6 +360,7 @@ def main(argv=None):
         times["logprob"], t = time.perf_counter() - t, time.perf_counter()
         policy.train()
         s = update(policy, optimizer, trainable, processor, rows, args, world, device)
+        reload(parked)
         refresh_inference_copy(policy, infer)
         times["update"] = time.perf_counter() - t
         step += 1

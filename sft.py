@@ -8,6 +8,11 @@ The paper fine-tunes all language-model weights of Qwen2.5-VL-7B-Instruct on Ope
 step. Reading order: distributed setup -> FSDP2 sharding -> data order -> the loss -> the training loop ->
 checkpoints. `grpo.py` imports the plumbing from here (setup, sharding, checkpoints, metrics).
 
+Memory (bench/bench_memory.py, 7B, 8 ranks, micro-batch 4 x 4,096): 27.5 GiB per GPU, so A100-40GB fits: rank 0
+alone reads the checkpoint and scatters it into shards, the LM head runs in chunks of positions (never the
+B x T x vocab logits), activation checkpointing is on for GPU, and every micro-batch's gradients are
+reduce-scattered at once. The data is tokenized once per machine into a file every rank maps (data.SFTSet).
+
 Deliberate simplifications: sequences are padded, not packed (length-grouped batches keep the padding small,
 and the fraction is reported); the vision tower is frozen by default since text-only data gives it no
 gradient; one optimizer, no ZeRO offload.
@@ -81,6 +86,11 @@ def all_reduce_sum(x):
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on any of them (collective)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item())
 
 
 def barrier():
@@ -212,8 +222,7 @@ class Preemption:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
 
     def check(self):
-        flag = torch.tensor([float(self.requested)], device=self.device)
-        return bool(all_reduce_sum(flag).item())  # every rank must agree to stop at the same step
+        return any_rank(self.requested, self.device)  # every rank must agree to stop at the same step
 
 
 def save_if_due(preempt, model, optimizer, processor, out, step, total, rank, due=False):
@@ -283,7 +292,7 @@ def collate(examples, pad_id, device):
     mask = torch.zeros(len(examples), width, dtype=torch.long)
     for i, e in enumerate(examples):  # right padding: training needs no generation column alignment
         n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.as_tensor(e["input_ids"]), torch.as_tensor(e["labels"]), 1
     return ids.to(device), labels.to(device), mask.to(device)
 
 
@@ -314,6 +323,7 @@ def token_loss_sum(model, ids, labels, mask, chunk=1024):
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    launched = time.perf_counter()
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     out = Path(args.out)
@@ -331,10 +341,12 @@ def main(argv=None):
                              f"{args.micro_batch} x {world} ranks")
 
     processor = data.load_processor(args.model)
-    examples = data.load_sft_data(args.data, processor, args.max_len)
+    # Tokenized once per machine (local rank 0; the others wait), then mapped from disk by every rank.
+    examples = data.load_sft_data(args.data, processor, args.max_len, build=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                                  wait=lambda failed: any_rank(failed, device))
     if len(examples) < args.global_batch:
         raise data.DataError(f"{len(examples)} examples cannot fill one global batch of {args.global_batch}")
-    lengths = [len(e["input_ids"]) for e in examples]
+    lengths = examples.lengths
     checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
     # fp32 master weights, read by rank 0 and broadcast as shards; FSDP casts to bf16 for compute on GPU
     model = load_sharded(args.model, device, args.train_vision, checkpointing)
@@ -361,7 +373,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Every rank knows the whole global batch, so the normalizer needs no communication.
-        n_target = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in batch)
+        n_target = sum(examples.n_target[i] for i in batch)
         start, loss_sum, tokens, padded = time.perf_counter(), torch.zeros(1, device=device), 0, 0
         # Every micro-batch's gradients are reduce-scattered at once into the fp32 shards: skipping the sync
         # would make FSDP keep a full unsharded gradient (30 GB for the 7B) between micro-batches.
@@ -384,6 +396,8 @@ def main(argv=None):
                "grad_norm": grad_norm.item(), "tokens": int(counts[1]), "tokens_per_s": counts[1].item() / seconds,
                "padding": 1 - counts[1].item() / counts[2].item()}
         row["mfu"] = mfu(row["tokens_per_s"] / world, n_params, device)
+        if launched:  # the first step of this launch: how long data and model took to get here
+            row["startup_s"], launched = start - launched, None
         metrics.log(**row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)

@@ -172,8 +172,8 @@ def test_two_ranks_match_one_process(sft_tiny, tmp_path):
     path, _ = sft_tiny
     common = ["--model", path, "--data", "toy", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens",
               "24", "--max-steps", "1", "--lr", "1e-3", "--micro-batch", "2", "--reward-processes", "1"]
-    for name, nproc in (("one", 1), ("two", 2)):
-        r = run([*common, "--out", str(tmp_path / name)], nproc)
+    for name, nproc in (("one", 1), ("two", 2)):  # the two ranks also park their state in host memory
+        r = run([*common, "--out", str(tmp_path / name)] + (["--offload"] if nproc == 2 else []), nproc)
         assert r.returncode == 0, r.stderr[-3000:]
     one, two = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("one", "two"))
     for key in ("reward", "response_len", "loss", "kl", "entropy"):
@@ -318,3 +318,30 @@ def test_chunked_token_logprobs_equal_the_full_logits(model, processor):
         assert torch.allclose(logp, full.detach(), atol=1e-6) and not entropy.requires_grad
         for a, b in zip(grads((logp * mask).sum()), full_grads):
             assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-12
+
+
+def test_offload_changes_where_state_waits_not_the_result(sft_tiny, tmp_path):
+    """--offload parks the training state in host memory during rollouts and the inference copy during the
+    update (storages resized to 0 and refilled): the run is the same, metric for metric and weight for weight."""
+    path, _ = sft_tiny
+    common = ["--model", path, "--data", "toy", "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens",
+              "12", "--max-steps", "2", "--lr", "1e-3", "--micro-batch", "2", "--reward-processes", "1",
+              "--save-every", "0"]
+    grpo.main([*common, "--out", str(tmp_path / "plain")])
+    grpo.main([*common, "--offload", "--out", str(tmp_path / "offload")])
+    a, b = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("plain", "offload"))
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if not k.startswith("sec_")} == \
+            {k: v for k, v in y.items() if not k.startswith("sec_")}
+    wa, wb = (data.load_model(str(tmp_path / n / "final")).state_dict() for n in ("plain", "offload"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_offload_frees_and_restores_storages():
+    t = torch.arange(10.0)
+    view = t[2:5]
+    saved = grpo.offload([t, view])  # one storage, offloaded once
+    assert len(saved) == 1 and t.untyped_storage().nbytes() == 0
+    grpo.reload(saved)
+    assert torch.equal(t, torch.arange(10.0)) and torch.equal(view, torch.tensor([2.0, 3.0, 4.0]))
