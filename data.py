@@ -409,7 +409,7 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
     _WORKER.update(processor=processor, max_len=max_len)  # fork: the workers inherit the processor
     processes = processes or min(8, os.cpu_count() or 1)
     index, bad, first_error, truncated, offset = [], 0, None, 0, 0
-    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5) as bar, \
+    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar, \
             multiprocessing.get_context("fork").Pool(processes) as pool:
         for results in pool.imap(_tokenize_chunk, _chunks(iter_rows(source, toy="sft"))):
             for r in results:
@@ -420,11 +420,11 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
                 index.append((offset, r[1], r[2]))
                 offset, truncated = offset + r[1], truncated + r[3]
             bar.update(len(results))
-    if bad:
-        print(f"sft data: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})", file=sys.stderr)
     if not index:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"sft data: no usable rows ({bad} malformed; first: {first_error})")
+    if bad:
+        print(f"sft data: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})", file=sys.stderr)
     torch.save(torch.tensor(index, dtype=torch.int64), tmp / "index.pt")
     (tmp / "meta.json").write_text(json.dumps({"source": str(source), "examples": len(index), "tokens": offset,
                                                "truncated": truncated, "skipped": bad, "max_len": max_len}))
@@ -470,6 +470,8 @@ def parse_rl_row(row):
         question, answer = row["question"], row.get("answer_idx") or row["answer"]
     else:
         question, answer, options = row["question"], row["answer"], None
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):  # None, [1, 2], True: no answer
+        raise ValueError(f"answer is {type(answer).__name__} {answer!r}, not a string or a number")
     question, answer = str(question).strip(), str(answer).strip()
     if not question or not answer:
         raise ValueError("empty question or answer")
@@ -594,9 +596,80 @@ def build_tiny(path):
 TINY = {"tiny": build_tiny, "tiny-text": build_tiny_text}  # built locally, then loaded like any checkpoint
 
 
+def check_model(name):
+    """Fail at once, in one line, on a --model that cannot load: a path that does not exist and is no hub id, a
+    directory without a readable config.json, missing or truncated weight files (their headers say how long
+    they must be). A hub id passes: only the hub can tell."""
+    path = Path(name)
+    if name in TINY:
+        return
+    if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(".") and not path.parent.is_dir():
+            return  # "org/name", and no local directory "org" it could be a path into
+        raise DataError(f"--model {name}: no such directory, and not a hub id")
+    if not path.is_dir():
+        raise DataError(f"--model {name}: not a directory")
+    try:
+        json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise DataError(f"--model {name}: no config.json, so not a model directory") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"--model {name}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+    index = path / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        [f.name for f in sorted(path.glob("*.safetensors"))]
+    if not shards and not (path / "pytorch_model.bin").exists():
+        raise DataError(f"--model {name}: no weights (*.safetensors) in the directory")
+    for shard in shards:
+        f = path / shard
+        if not f.exists():
+            raise DataError(f"--model {name}: {shard} is missing")
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(n)) if 0 < n < size else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if header is None:
+            raise DataError(f"--model {name}: {shard} is not a readable safetensors file")
+        expected = 8 + n + max([v["data_offsets"][1] for v in header.values() if isinstance(v, dict)
+                                and "data_offsets" in v], default=0)
+        if size != expected:
+            raise DataError(f"--model {name}: {shard} is truncated ({size:,} of {expected:,} bytes)")
+
+
+def model_fingerprint(name):
+    """A short hash of what a model's outputs depend on: its config, and per weight file the size, the header
+    and 16 evenly spaced 4 KiB samples of the weights (retrained weights differ everywhere; reading 64 KiB per
+    file is fast at any size). For a hub id, the id itself."""
+    path = Path(resolve_model(name))
+    if not path.is_dir():
+        return hashlib.sha1(name.encode()).hexdigest()[:12]
+    h = hashlib.sha1((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(4096))
+    return h.hexdigest()[:12]
+
+
+def cli(main):
+    """Run a script's main(): bad input (DataError) ends as one line on stderr and exit code 1, no traceback."""
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
 def resolve_model(name):
     """A path or hub id for from_pretrained; `tiny`/`tiny-text` are built on first use (atomically: ranks race)."""
     if name not in TINY:
+        check_model(name)
         return name
     # The tokenizer is trained on the toy data and templates: a change to them is a new checkpoint.
     version = TINY_VERSION + ("-text" if name == "tiny-text" else "")
@@ -673,16 +746,16 @@ if __name__ == "__main__":
     ap.add_argument("--rl", help="convert an RL source (`toy`, path, URL) and print statistics")
     ap.add_argument("--max-len", type=int, default=4096)
     args = ap.parse_args()
-    try:
+
+    def main():
         if args.model:
             print(resolve_model(args.model))
         if args.sft:
             ex = load_sft_data(args.sft, load_processor(args.model or "tiny"), args.max_len)
-            lengths = sorted(len(e["input_ids"]) for e in ex)
+            lengths = sorted(ex.lengths)
             print(f"{len(ex)} examples; tokens min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
         if args.rl:
             rows = load_rl_data(args.rl)
             print(f"{len(rows)} prompts; first: {rows[0]['messages'][0]['content'][-1]['text'][-80:]!r} "
                   f"-> {rows[0]['answer']!r}")
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -448,8 +448,11 @@ def summarize(bench, records, k, skipped):
 
 
 def table(summaries, compare, text_solvable=False):
-    """The results as Markdown; with `compare`, the paper's numbers beside ours (Table 6's with `text_solvable`)."""
+    """The results as Markdown, under a line naming the model(s) scored; with `compare`, the paper's numbers
+    beside ours (Table 6's with `text_solvable`)."""
     k = summaries[0]["samples"] if summaries else 1
+    models = sorted({(s.get("model"), s.get("fingerprint")) for s in summaries if s.get("model")})
+    title = "model: " + "; ".join(f"`{m}` (fingerprint {f})" for m, f in models) + "\n\n" if models else ""
     head = ["benchmark", "n", "accuracy" if k == 1 else f"avg@{k}"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
     head += ["forced exit %", "words"]
     if compare and text_solvable:
@@ -465,7 +468,7 @@ def table(summaries, compare, text_solvable=False):
         elif compare:
             cells += [paper_numbers(s["bench"]).get(m, "not reported") for m in MODELS]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return title + "\n".join(lines)
 
 
 def read_ids(paths, bench):
@@ -562,16 +565,27 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     exclude = read_ids(args.exclude_ids, bench)
     tasks, skipped = load_tasks(bench, source, args.image_root, not args.no_image, exclude, args.limit)
     out, meta = Path(args.out), Path(args.out) / f"{bench}.settings.json"
-    settings = {k: getattr(args, k) for k in ("model", "temperature", "top_p", "max_new_tokens", "think_budget",
-                                              "answer_budget", "no_image", "min_pixels", "max_pixels", "seed")}
-    if meta.exists() and json.loads(meta.read_text()) != settings:  # every rank stops, none waits alone
+    # Records are reused when the weights (their fingerprint, not the path) and the protocol are the same.
+    settings = {k: getattr(args, k) for k in ("fingerprint", "temperature", "top_p", "max_new_tokens",
+                                              "think_budget", "answer_budget", "no_image", "min_pixels",
+                                              "max_pixels", "seed")}
+    old = json.loads(meta.read_text()) if meta.exists() else settings
+    if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != \
+            {k: v for k, v in settings.items() if k != "fingerprint"}:  # every rank stops, none waits alone
         raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
+    stale = old.get("fingerprint") != args.fingerprint
     out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
     barrier()  # all ranks have read the old settings before rank 0 replaces them
     if rank == 0:
+        if stale:  # other weights made these records: keep them aside, compute afresh
+            print(f"{bench}: the weights changed since {out} was written (fingerprint {old.get('fingerprint')} -> "
+                  f"{args.fingerprint}); its records move to {bench}.stale-{old.get('fingerprint')}.*", file=sys.stderr)
+            for f in [*out.glob(f"{bench}.jsonl"), *out.glob(f"{bench}.rank*.jsonl")]:
+                f.rename(out / f.name.replace(bench, f"{bench}.stale-{old.get('fingerprint')}", 1))
         tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.write_text(json.dumps(settings | {"model": args.model}, indent=1))
         tmp.replace(meta)
+    barrier()  # the moves are done before anyone reads the records
     done = read_records(out, bench)
     todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = out / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
@@ -608,7 +622,7 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
             by_id.setdefault(r["id"], []).append(r["correct"])
         write_solvable(args.text_solvable_out, bench,
                        sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
-    return summarize(bench, records, args.samples, skipped)
+    return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint}
 
 
 def main(argv=None):
@@ -623,6 +637,7 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = data.load_model(args.model, dtype=dtype, device=device).eval()
+    args.fingerprint = data.model_fingerprint(args.model)
     processor = data.load_processor(args.model)
     if args.max_pixels:
         processor.image_processor.size = {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
@@ -650,7 +665,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    data.cli(main)

@@ -293,7 +293,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     import data
-    from PIL import Image
     if args.distil and not args.output:
         ap.error("--distil needs --output")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -325,14 +324,16 @@ def main(argv=None):
         rows = [{"prompt": args.prompt, "images": args.image}]
     else:
         ap.error("give --prompt or --input")
-    conversations = [[data.user_message(r["prompt"], [Image.open(p).convert("RGB") for p in r.get("images", [])])]
-                     for r in rows]
-    completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
-                           **sampling)
+    rows = data.convert_rows(rows, lambda r: r | {"prompt": str(r["prompt"]), "images": r.get("images") or []},
+                             "--input")  # rows without a prompt are counted and skipped
+    try:
+        conversations = [[data.user_message(r["prompt"], [data.load_image(p) for p in r["images"]])] for r in rows]
+        completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
+                               **sampling)
+    except (ValueError, OSError) as e:  # a missing image, a prompt longer than the context
+        raise data.DataError(str(e)) from e
     if args.output:
-        with open(args.output, "w") as f:
-            for r, c in zip(rows, completions):
-                f.write(json.dumps({**r, **asdict(c)}) + "\n")
+        data.write_jsonl(args.output, [{**r, **asdict(c)} for r, c in zip(rows, completions)])
     else:
         for c in completions:
             print(c.text)
@@ -340,7 +341,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    import data
+    data.cli(main)

@@ -79,7 +79,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     # systems
     ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--resume", default=None)
+    ap.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds (a finished or broken run)")
+    ap.add_argument("--allow-changes", action="store_true", help="--resume even where settings differ from the run's")
     ap.add_argument("--reward-processes", type=int, default=4)
     ap.add_argument("--offload", action="store_true",
                     help="keep the training state (policy shards, AdamW state, reference) in host memory during "
@@ -304,12 +306,14 @@ def update(policy, optimizer, trainable, processor, rows, args, world, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = sft.setup_distributed()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    sft.check_run_dir(args)
+    data.check_model(args.model)
     if args.prompts_per_step % world:
         raise data.DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of {world} ranks")
     torch.manual_seed(args.seed)
     prompts = data.load_rl_data(args.data)
+    if len(prompts) < args.prompts_per_step:
+        raise data.DataError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {args.prompts_per_step}")
     processor = data.load_processor(args.model)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     # fp32 master weights, sharded, with activation checkpointing on GPU (4,096-token responses)
@@ -326,7 +330,8 @@ def main(argv=None):
     state = sft.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
     if args.resume:
         refresh_inference_copy(policy, infer)
-    metrics, preempt = sft.Metrics(out, rank), sft.Preemption(device)
+    sft.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
+    metrics, preempt = sft.Metrics(args.out, rank), sft.Preemption(device)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
     step = state["step"]
@@ -385,7 +390,7 @@ def main(argv=None):
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
         bar.update(1)
         due = bool(args.save_every and step % args.save_every == 0)
-        if sft.save_if_due(preempt, policy, optimizer, processor, out, step, total, rank, due):
+        if sft.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
             break
     bar.close()
     if dist.is_initialized():
@@ -394,7 +399,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    data.cli(main)

@@ -61,6 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
     ap.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: epoch ends only)")
     ap.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds (a finished or broken run)")
+    ap.add_argument("--allow-changes", action="store_true", help="--resume even where settings differ from the run's")
     ap.add_argument("--window", type=int, default=16, help="length-grouping window, in global batches")
     return ap.parse_args(argv)
 
@@ -206,7 +208,10 @@ def load_checkpoint(model, optimizer, path, rank):
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     bundle = {"model": model_sd, "optim": optim_sd}
-    dcp.load(bundle, checkpoint_id=str(path / "train_state"))
+    import warnings
+    with warnings.catch_warnings():  # a world of one is a fine DCP user; no need to warn about it
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(bundle, checkpoint_id=str(path / "train_state"))
     set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
     rng = torch.load(path / f"rng_{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -225,15 +230,92 @@ class Preemption:
         return any_rank(self.requested, self.device)  # every rank must agree to stop at the same step
 
 
-def save_if_due(preempt, model, optimizer, processor, out, step, total, rank, due=False):
-    """Save at the last step, when `due` (epoch end, --save-every) or on SIGTERM; True means stop now."""
+def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due=False):
+    """Save at the last step, when `due` (epoch end, --save-every) or on SIGTERM; True means stop now. A preempted
+    run exits 0 after its save (torchrun counts anything else as a crash): it is finished when --out/final
+    exists, and otherwise continues with the --resume printed here."""
     stop = preempt.check()
     if stop or due or step == total:
-        name = "final" if step == total else f"step_{step}"
-        save_checkpoint(model, optimizer, processor, Path(out) / name, {"step": step}, rank)
+        path = Path(args.out) / ("final" if step == total else f"step_{step}")
+        save_checkpoint(model, optimizer, processor, path, {"step": step, "args": settings(args)}, rank)
         if stop and rank == 0:
-            print(f"SIGTERM: saved {Path(out) / name}; continue with --resume {Path(out) / name}", file=sys.stderr)
+            print(f"SIGTERM: saved {path}; continue with --resume {path}", file=sys.stderr)
     return stop
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run directories (shared with grpo.py): never overwritten by accident; a resume continues the same run
+
+# Flags that may differ on --resume without changing what the run computes (ours)
+RESUME_MAY_CHANGE = {"resume", "out", "overwrite", "allow_changes", "max_steps", "micro_batch", "save_every", "keep",
+                     "checkpointing", "reward_processes", "gen_batch", "offload"}
+
+
+def settings(args):
+    return json.loads(json.dumps(vars(args)))  # as JSON has them: tuples become lists
+
+
+def check_run_dir(args):
+    """Before anything loads: a new run needs --out empty or absent (or --overwrite) and writable; --resume needs
+    a checkpoint of this script whose recorded settings match (or --allow-changes, which lists the changes)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise data.DataError(f"--out {out} is a file, not a directory")
+    if args.resume:
+        state = Path(args.resume) / "train_state.json"
+        if not state.exists():
+            raise data.DataError(f"--resume {args.resume}: not a checkpoint of this script (no train_state.json)")
+        recorded, now = json.loads(state.read_text()).get("args", {}), settings(args)
+        changed = [f"--{k.replace('_', '-')} {recorded[k]} -> {v}" for k, v in now.items()
+                   if k in recorded and k not in RESUME_MAY_CHANGE and recorded[k] != v]
+        if changed and not args.allow_changes:
+            raise data.DataError(f"--resume with other settings than the run's: {', '.join(changed)}; "
+                                 f"pass --allow-changes to continue anyway")
+        if changed:
+            print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+    elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        saved = sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) + sorted(out.glob("final"))
+        hint = f"continue it with --resume {saved[-1]}, or " if saved and not (out / "final").exists() else ""
+        raise data.DataError(f"--out {out} already holds a run; {hint}pass --overwrite to replace it, or choose "
+                             f"another --out")
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise data.DataError(f"cannot write to --out {out}: {existing} is not a writable directory")
+
+
+def start_run(args, stage, rank, world, resumed_step=None):
+    """Once model and data have loaded: create --out (emptied first with --overwrite), record the run's settings
+    and library versions in args.json, and after a resume drop the metrics of steps past the checkpoint."""
+    import transformers
+    out = Path(args.out)
+    try:
+        if rank == 0:
+            if args.overwrite and not args.resume and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"stage": stage, "args": settings(args), "world": world, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                                   "transformers": transformers.__version__}}
+            if resumed_step is not None and (out / "args.json").exists():
+                record = json.loads((out / "args.json").read_text())
+                record.setdefault("resumes", []).append({"from": args.resume, "step": resumed_step,
+                                                         "args": settings(args)})
+            write_atomic(out / "args.json", json.dumps(record, indent=1))
+            metrics = out / "metrics.jsonl"
+            if resumed_step is not None and metrics.exists():  # steps after the checkpoint will be run again
+                rows = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+                write_atomic(metrics, "".join(row + "\n" for row in rows))
+        barrier()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.DataError(f"cannot write to --out {out}: {e.strerror}") from e
+
+
+def write_atomic(path, text):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class Metrics:
@@ -326,13 +408,8 @@ def main(argv=None):
     launched = time.perf_counter()
     args = parse_args(argv)
     rank, world, device = setup_distributed()
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f".write_test_{rank}").touch()
-        (out / f".write_test_{rank}").unlink()
-    except OSError as e:
-        raise data.DataError(f"cannot write to --out {args.out}: {e.strerror}") from e
+    check_run_dir(args)
+    data.check_model(args.model)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     micro_per_step = args.global_batch // args.micro_batch
@@ -361,7 +438,8 @@ def main(argv=None):
     state = {"step": 0}
     if args.resume:
         state = load_checkpoint(model, optimizer, args.resume, rank)
-    metrics, preempt = Metrics(out, rank), Preemption(device)
+    start_run(args, "sft", rank, world, state["step"] if args.resume else None)
+    metrics, preempt = Metrics(args.out, rank), Preemption(device)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="sft")
     pad = processor.tokenizer.pad_token_id
@@ -402,7 +480,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         due = step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0)
-        if save_if_due(preempt, model, optimizer, processor, out, step, total, rank, due):
+        if save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
             break
     bar.close()
     if dist.is_initialized():
@@ -411,7 +489,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    data.cli(main)

@@ -41,3 +41,42 @@ def sft_tiny(tmp_path_factory):
               "--lr", "3e-3", "--lr-decay", "1.0", "--save-every", "0", "--out", str(out)])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return str(out / "final"), metrics
+
+
+@pytest.fixture()
+def broken(tmp_path, tiny_path):
+    """Inputs a user gets wrong: a model directory whose weight file was cut short, one whose config.json is not
+    JSON, a path that does not exist, and a file where a directory belongs."""
+    import shutil
+    from types import SimpleNamespace
+    truncated, bad_config = tmp_path / "truncated", tmp_path / "bad_config"
+    shutil.copytree(tiny_path, truncated)
+    shutil.copytree(tiny_path, bad_config)
+    weights = truncated / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    (bad_config / "config.json").write_text('{"model_type": "qwen2_5_vl",')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return SimpleNamespace(truncated=truncated, size=size, bad_config=bad_config, missing=tmp_path / "nope",
+                           file=a_file)
+
+
+def snapshot(path):
+    """Every file under `path` with its size and modification time (None if there is no such path)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+def cli_error(main, argv, capsys):
+    """Run a script's main as its command line does (data.cli): (exit status, stderr lines). sys.exit(message)
+    prints the message to stderr and exits with status 1, so it is appended after what was printed before."""
+    import data
+    with pytest.raises(SystemExit) as exc:
+        data.cli(lambda: main(argv))
+    code = exc.value.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return (1, lines + [code]) if isinstance(code, str) else (code, lines)

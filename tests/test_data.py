@@ -95,6 +95,33 @@ def test_malformed_sft_rows_are_counted_and_reported(processor, tmp_path, capsys
         data.load_sft_data(str(path), processor)
 
 
+def test_a_line_that_is_not_json_is_a_counted_malformed_row(processor, tmp_path, capsys):
+    path = tmp_path / "ot.jsonl"
+    path.write_text(json.dumps(openthoughts_row()) + "\n{not json\n" + json.dumps(openthoughts_row("What is 1+1?")) + "\n")
+    assert len(data.load_sft_data(str(path), processor)) == 2
+    err = capsys.readouterr().err
+    assert f"skipped 1 of 3 malformed rows (first: ValueError: {path} line 2 is not JSON" in err
+    rl = tmp_path / "rl.jsonl"
+    rl.write_text('{"question": "q", "answer": "1"}\n[1, 2\n')
+    assert len(data.load_rl_data(str(rl))) == 1 and f"{rl} line 2 is not JSON" in capsys.readouterr().err
+
+
+def test_the_sft_cache_follows_its_source(processor, tmp_path, capsys):
+    """Tokenized once: the second load reads the cache; an edited source file is a new cache."""
+    path = tmp_path / "ot.jsonl"
+    path.write_text(json.dumps(openthoughts_row()) + "\n")
+    first = data.load_sft_data(str(path), processor)
+    cache = data.sft_cache(str(path), processor, 4096)
+    assert (cache / "tokens.bin").exists() and first[0]["input_ids"].tolist() == \
+        data.sft_example(*data.parse_openthoughts(openthoughts_row()), processor, 4096)["input_ids"]
+    mtime = (cache / "tokens.bin").stat().st_mtime_ns
+    data.load_sft_data(str(path), processor)
+    assert (cache / "tokens.bin").stat().st_mtime_ns == mtime  # not written again
+    path.write_text(json.dumps(openthoughts_row()) + "\n" + json.dumps(openthoughts_row("What is 1+1?")) + "\n")
+    assert data.sft_cache(str(path), processor, 4096) != cache and len(data.load_sft_data(str(path), processor)) == 2
+    assert data.sft_cache(str(path), processor, 128) != data.sft_cache(str(path), processor, 4096)
+
+
 def test_orz_rows():
     rows = [[{"from": "human", "value": "Compute $1+1$."},
              {"from": "assistant", "ground_truth": {"value": "2"}}]]
@@ -118,6 +145,11 @@ def test_bad_rl_rows_counted(capsys):
             [{"from": "human", "value": "What?"}, {"from": "assistant", "ground_truth": {"value": "4"}}]]
     assert len(data.convert_rows(rows, data.parse_rl_row, "rl")) == 1
     assert "skipped 2 of 3" in capsys.readouterr().err
+    # answers that are not a string or a number would become 'None', '[1, 2]', 'True' and reward such text
+    odd = [{"question": "q", "answer": a} for a in (None, [1, 2], True, False, {"v": 1})]
+    good = [{"question": "q", "answer": 7}, {"question": "q", "answer": 2.5}]
+    assert [r["answer"] for r in data.convert_rows(odd + good, data.parse_rl_row, "rl")] == ["7", "2.5"]
+    assert "skipped 5 of 7 malformed rows (first: ValueError: answer is NoneType None" in capsys.readouterr().err
 
 
 def test_toy_sets_parse_without_loss(processor, capsys):

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 import evaluate as ev
@@ -291,7 +292,10 @@ def test_end_to_end_three_benchmarks(tmp_path):
             assert r["prompt"] == ev.prompt_text(s["bench"], rows[r["id"]])
             template = data.EVAL_MATH_PROMPT if s["bench"] == "mathvista" else data.EVAL_MC_PROMPT
             assert r["prompt"].startswith(template.split("{question}")[0])
-    assert (tmp_path / "results.md").read_text().count("\n") == 5
+    results = (tmp_path / "results.md").read_text()
+    fingerprint = data.model_fingerprint("tiny")
+    assert results.splitlines()[0] == f"model: `tiny` (fingerprint {fingerprint})" and results.count("\n") == 7
+    assert summary["mathvista"]["model"] == "tiny" and summary["mathvista"]["fingerprint"] == fingerprint
 
 
 def test_resume_generates_only_what_is_missing(tmp_path, monkeypatch, capsys):
@@ -465,3 +469,58 @@ def test_exclude_ids_is_the_union_of_several_files(tmp_path):
     assert ev.read_ids([a], "mmmu") == {"validation_Art_1"}
     args = ev.parse_args(["--exclude-ids", f"{a},{b}", "--exclude-ids", str(plain)])
     assert args.exclude_ids == [str(a), str(b), str(plain)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input, and results that would be stale
+
+@pytest.mark.parametrize("case", ["missing_model", "truncated_weights", "bad_config", "unknown_bench"])
+def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys, case):
+    from conftest import cli_error, snapshot
+    argv, first = {
+        "missing_model": (["--model", str(broken.missing)], f"--model {broken.missing}: no such directory, and not "
+                                                              f"a hub id"),
+        "truncated_weights": (["--model", str(broken.truncated)], f"--model {broken.truncated}: model.safetensors "
+                              f"is truncated ({broken.size // 2:,} of {broken.size:,} bytes)"),
+        "bad_config": (["--model", str(broken.bad_config)], f"--model {broken.bad_config}: config.json is not valid "
+                       f"JSON (Expecting property name enclosed in double quotes at line 1)"),
+        "unknown_bench": (["--bench", "mathvista,nope"], "unknown benchmark(s) nope; known: "
+                          + ", ".join(ev.BENCHMARKS)),
+    }[case]
+    out = tmp_path / "out"
+    status, lines = cli_error(ev.main, ["--bench", "mathvista", *FAST, "--out", str(out), *argv], capsys)
+    assert (status, lines[0]) == (1, "error: " + first) and len(lines) == 1
+    assert snapshot(out) is None
+
+
+def test_changed_weights_at_the_same_path_are_evaluated_again(tmp_path, tiny_path, monkeypatch, capsys):
+    """Records are keyed on a fingerprint of the weights, not on the path: new weights at the same path are
+    scored afresh (the old records kept aside); a copy of the same weights elsewhere reuses them."""
+    import shutil
+    import generate
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_path, model_dir)
+    args = ["--bench", "medqa", "--model", str(model_dir), "--data", "toy", "--think-budget", "8",
+            "--answer-budget", "4", "--out", str(tmp_path / "eval")]
+    calls = []
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda m, p, convs, **kw: calls.append(len(convs)) or real(m, p, convs, **kw))
+    (first,) = ev.main(args)
+    assert calls == [3]
+    ev.main(args)
+    assert calls == [3]  # same weights: nothing to do
+    shutil.copytree(model_dir, tmp_path / "copy")
+    ev.main([a if a != str(model_dir) else str(tmp_path / "copy") for a in args])
+    assert calls == [3]  # same weights elsewhere: reused
+    model = data.load_model(str(model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    model.save_pretrained(model_dir)  # retrained in place
+    (second,) = ev.main(args)
+    assert calls == [3, 3] and second["fingerprint"] != first["fingerprint"]
+    assert "the weights changed" in capsys.readouterr().err
+    assert (tmp_path / "eval" / f"medqa.stale-{first['fingerprint']}.jsonl").exists()
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["medqa"]["fingerprint"] == second["fingerprint"]
+    assert second["fingerprint"] in (tmp_path / "eval" / "results.md").read_text().splitlines()[0]

@@ -345,3 +345,46 @@ def test_offload_frees_and_restores_storages():
     assert len(saved) == 1 and t.untyped_storage().nbytes() == 0
     grpo.reload(saved)
     assert torch.equal(t, torch.arange(10.0)) and torch.equal(view, torch.tensor([2.0, 3.0, 4.0]))
+
+
+BAD = ["missing_model", "truncated_weights", "bad_config", "out_is_a_file", "out_under_a_file", "finished_run",
+       "too_few_prompts", "resume_with_other_settings"]
+
+
+@pytest.fixture(scope="module")
+def finished_grpo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished_grpo")
+    grpo.main(["--model", "tiny", "--data", "toy", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+               "4", "--max-steps", "1", "--reward-processes", "1", "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys, finished_grpo, case):
+    from conftest import cli_error, snapshot
+    capsys.readouterr()
+    out = tmp_path / "out"
+    argv, first = {
+        "missing_model": (["--model", str(broken.missing)], f"--model {broken.missing}: no such directory, and not "
+                                                              f"a hub id"),
+        "truncated_weights": (["--model", str(broken.truncated)], f"--model {broken.truncated}: model.safetensors "
+                              f"is truncated ({broken.size // 2:,} of {broken.size:,} bytes)"),
+        "bad_config": (["--model", str(broken.bad_config)], f"--model {broken.bad_config}: config.json is not valid "
+                       f"JSON (Expecting property name enclosed in double quotes at line 1)"),
+        "out_is_a_file": (["--out", str(broken.file)], f"--out {broken.file} is a file, not a directory"),
+        "out_under_a_file": (["--out", str(broken.file / "sub")], f"cannot write to --out {broken.file / 'sub'}: "
+                             f"{broken.file} is not a writable directory"),
+        "finished_run": (["--out", str(finished_grpo)], f"--out {finished_grpo} already holds a run; pass "
+                         f"--overwrite to replace it, or choose another --out"),
+        "too_few_prompts": (["--prompts-per-step", "128"], "100 prompts cannot fill one step of --prompts-per-step 128"),
+        "resume_with_other_settings": (["--out", str(finished_grpo), "--resume", str(finished_grpo / "final"),
+                                        "--beta", "0.02"], "--resume with other settings than the run's: --beta "
+                                       "0.01 -> 0.02; pass --allow-changes to continue anyway"),
+    }[case]
+    argv = ["--model", "tiny", "--data", "toy", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+            "4", "--max-steps", "1", "--reward-processes", "1", "--out", str(out), *argv]
+    watched = [out, finished_grpo, broken.file]
+    before = [snapshot(p) for p in watched]
+    status, lines = cli_error(grpo.main, argv, capsys)
+    assert (status, lines[0]) == (1, "error: " + first) and len(lines) == 1
+    assert [snapshot(p) for p in watched] == before

@@ -116,21 +116,76 @@ def test_length_grouping_keeps_every_example_once_and_cuts_padding():
     assert sorted(i for r in mbs for mb in r for i in mb) == sorted(batches[0])
 
 
-@pytest.mark.parametrize("case", ["no_rows", "missing_model", "unwritable_out"])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+BAD = ["missing_model", "truncated_weights", "bad_config", "out_is_a_file", "out_under_a_file", "finished_run",
+       "no_usable_rows", "resume_with_other_settings"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys, case):
+    from conftest import cli_error, snapshot
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"conversations": [{"from": "user", "value": "q"}]}) + "\n")
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
+    finished = tmp_path / "finished"
+    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(finished)])
+    capsys.readouterr()
     out = tmp_path / "out"
-    args = {"no_rows": ["--model", "tiny", "--data", str(bad), "--out", str(out)],
-            "missing_model": ["--model", str(tmp_path / "nope"), "--data", "toy", "--out", str(out)],
-            "unwritable_out": ["--model", "tiny", "--data", "toy", "--out", str(blocker / "sub")]}[case]
-    r = run(args)
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in r.stderr
-    assert not out.exists() or not any(p.name != "metrics.jsonl" for p in out.iterdir())
+    argv, first = {
+        "missing_model": (["--model", str(broken.missing)], f"--model {broken.missing}: no such directory, and not "
+                                                              f"a hub id"),
+        "truncated_weights": (["--model", str(broken.truncated)], f"--model {broken.truncated}: model.safetensors "
+                              f"is truncated ({broken.size // 2:,} of {broken.size:,} bytes)"),
+        "bad_config": (["--model", str(broken.bad_config)], f"--model {broken.bad_config}: config.json is not valid "
+                       f"JSON (Expecting property name enclosed in double quotes at line 1)"),
+        "out_is_a_file": (["--out", str(broken.file)], f"--out {broken.file} is a file, not a directory"),
+        "out_under_a_file": (["--out", str(broken.file / "sub")], f"cannot write to --out {broken.file / 'sub'}: "
+                             f"{broken.file} is not a writable directory"),
+        "finished_run": (["--out", str(finished)], f"--out {finished} already holds a run; pass --overwrite to "
+                         f"replace it, or choose another --out"),
+        "no_usable_rows": (["--data", str(bad)], "sft data: no usable rows (1 malformed; first: KeyError: 'assistant')"),
+        "resume_with_other_settings": (["--out", str(finished), "--resume", str(finished / "final"), "--lr", "2e-3"],
+                                       "--resume with other settings than the run's: --lr 0.001 -> 0.002; pass "
+                                       "--allow-changes to continue anyway"),
+    }[case]
+    argv = [*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(out), *argv]
+    watched = [out, finished, broken.file]
+    before = [snapshot(p) for p in watched]
+    status, lines = cli_error(sft.main, argv, capsys)
+    assert (status, lines[0]) == (1, "error: " + first) and len(lines) == 1
+    assert [snapshot(p) for p in watched] == before  # nothing written, nothing left behind
+
+
+def test_the_command_line_prints_one_line_and_exits_1(tmp_path):
+    r = run(["--model", str(tmp_path / "nope"), "--data", "toy", "--out", str(tmp_path / "out")])
+    assert r.returncode == 1 and r.stderr == f"error: --model {tmp_path / 'nope'}: no such directory, and not a hub id\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_directories_refuse_overwrite_and_resume(tmp_path, capsys):
+    """A finished run is refused, replaced with --overwrite (fresh metrics, not appended), and a resume from an
+    earlier checkpoint rewrites the metrics after it instead of repeating them."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    common = [*ARGS, "--micro-batch", "4", "--save-every", "2", "--max-steps", "4"]
+    sft.main([*common, "--out", str(straight)])
+    sft.main([*common, "--out", str(out)])
+    record = json.loads((out / "args.json").read_text())
+    assert record["stage"] == "sft" and record["args"]["lr"] == 1e-3 and set(record["versions"]) >= {"torch",
+                                                                                                        "transformers"}
+    with pytest.raises(data.DataError, match="already holds a run"):
+        sft.main([*common, "--out", str(out)])
+    sft.main([*common, "--out", str(out), "--overwrite"])  # replaced, not appended to
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    # a run cut off after step 3 (checkpoint at 2): its metrics hold steps 1-3; the resume redoes step 3 once
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    sft.main([*common, "--out", str(out), "--resume", str(out / "step_2")])
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == pytest.approx(losses(straight), rel=1e-6)
+    assert json.loads((out / "args.json").read_text())["resumes"][0]["step"] == 2
+    # a changed hyperparameter needs --allow-changes, which names it
+    sft.main([*common, "--max-steps", "5", "--out", str(out), "--resume", str(out / "final"), "--lr", "2e-3",
+              "--allow-changes"])
+    assert "resuming with changed settings: --lr 0.001 -> 0.002" in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
