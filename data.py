@@ -316,7 +316,7 @@ def sft_example(question, answer, processor, max_len):
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
-def load_sft_data(source, processor, max_len=4096, build=True, wait=None):
+def load_sft_data(source, processor, max_len=4096, build=True, wait=None, report=True):
     """The tokenized SFT set (SFTSet), from a cache tokenized once per machine (sft_cache). Under torchrun the
     ranks with `build` (local rank 0) make it while the others wait in `wait()`, then all of them map it."""
     path = sft_cache(source, processor, max_len)
@@ -332,8 +332,10 @@ def load_sft_data(source, processor, max_len=4096, build=True, wait=None):
         raise error
     examples = SFTSet(path)
     m = examples.meta
-    print(f"sft data: {len(examples)} examples, {m['truncated']} truncated to {max_len} tokens"
-          + (f", {m['skipped']} malformed rows skipped" if m["skipped"] else "") + f" (cache {path})", file=sys.stderr)
+    if report:
+        print(f"sft data: {len(examples)} examples, {m['truncated']} truncated to {max_len} tokens"
+              + (f", {m['skipped']} malformed rows skipped" if m["skipped"] else "") + f" (cache {path})",
+              file=sys.stderr)
     return examples
 
 
@@ -385,6 +387,10 @@ def _tokenize_chunk(rows):
 _WORKER = {}
 
 
+def _init_worker(processor, max_len):
+    _WORKER.update(processor=processor, max_len=max_len)
+
+
 def _chunks(rows, size=256):
     chunk = []
     for row in rows:
@@ -404,14 +410,21 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
     import tempfile
     import torch
     from tqdm import tqdm
+    import itertools
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    _WORKER.update(processor=processor, max_len=max_len)  # fork: the workers inherit the processor
-    processes = processes or min(8, os.cpu_count() or 1)
+    _init_worker(processor, max_len)
+    rows = iter(iter_rows(source, toy="sft"))
+    head = list(itertools.islice(rows, 2048))
+    # A few thousand rows take seconds here; more go to worker processes. They start from a clean forkserver,
+    # not by forking this process, whose other threads may hold locks a forked child would wait on for ever
+    # (they import the launching script, so a script calling this guards its work with __name__ == "__main__").
+    pool = multiprocessing.get_context("forkserver").Pool(
+        processes or min(8, os.cpu_count() or 1), _init_worker, (processor, max_len)) if len(head) == 2048 else None
     index, bad, first_error, truncated, offset = [], 0, None, 0, 0
-    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar, \
-            multiprocessing.get_context("fork").Pool(processes) as pool:
-        for results in pool.imap(_tokenize_chunk, _chunks(iter_rows(source, toy="sft"))):
+    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar:
+        chunks = _chunks(itertools.chain(head, rows))
+        for results in (pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)):
             for r in results:
                 if isinstance(r, str):
                     bad, first_error = bad + 1, first_error or r
@@ -420,6 +433,9 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
                 index.append((offset, r[1], r[2]))
                 offset, truncated = offset + r[1], truncated + r[3]
             bar.update(len(results))
+    if pool:
+        pool.close()
+        pool.join()
     if not index:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"sft data: no usable rows ({bad} malformed; first: {first_error})")
@@ -658,6 +674,32 @@ def model_fingerprint(name):
     return h.hexdigest()[:12]
 
 
+def cli_parser(doc):
+    """An argument parser whose --help opens with the script's purpose and launch commands (the docstring's first
+    two paragraphs), one line per flag, and no abbreviated flags (so presets can see what was passed)."""
+    return argparse.ArgumentParser(description="\n\n".join(doc.split("\n\n")[:2]), allow_abbrev=False,
+                                   usage="%(prog)s [options]",
+                                   formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                                       prog, max_help_position=34, width=120))
+
+
+def passed_flags(parser, argv):
+    """The options given on the command line (by dest), so that a preset fills in only the others."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.dest for a in parser._actions for opt in a.option_strings
+            if any(x == opt or x.startswith(opt + "=") for x in argv)}
+
+
+def toy_preset(args, preset):
+    """`--data toy`: every option the user did not pass takes the value sized for the toy task on a CPU (the
+    paper's defaults are for the real data). Returns the one line to announce it with, once the inputs check."""
+    chosen = {k: v for k, v in preset.items() if k not in args.passed}
+    for k, v in chosen.items():
+        setattr(args, k, v)
+    return "toy preset: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items()) + \
+        "; flags you pass win" if chosen else ""
+
+
 def cli(main):
     """Run a script's main(): bad input (DataError) ends as one line on stderr and exit code 1, no traceback."""
     try:
@@ -709,10 +751,18 @@ def model_class(config):
     return Qwen2_5_VLForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
-def load_model(name, dtype=None, device="cpu"):
+def transformers_progress(show):
+    """transformers' progress bars (reading and writing checkpoint shards): on for one loading process, off for
+    the other ranks and for every checkpoint a run writes."""
+    from transformers.utils import logging
+    logging.enable_progress_bar() if show else logging.disable_progress_bar()
+
+
+def load_model(name, dtype=None, device="cpu", progress=False):
     """A model from a hub id, a local directory (e.g. an SFT checkpoint), `tiny` or `tiny-text`."""
     import torch
     from transformers import AutoConfig
+    transformers_progress(progress)
     path = resolve_model(name)
     try:
         model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype or torch.float32)

@@ -3,7 +3,7 @@
     python evaluate.py --bench mathvista                               # base model, the paper's protocol
     python evaluate.py --bench all --model runs/grpo/final --compare   # every benchmark, paper numbers beside
     torchrun --nproc_per_node 8 evaluate.py --bench mmmu-pro,medqa --model runs/grpo/final
-    python evaluate.py --bench mathvista,mmmu,medqa --model tiny --data toy   # offline, on CPU
+    python evaluate.py --bench mathvista,mmmu,medqa --model tiny --data toy   # offline, on CPU (a preset)
 
 Protocol (§3, appendix C): the math template for the mathematical benchmarks (MathVista, MathVision, GSM8K),
 the multiple-choice template for the rest; images as chat image parts; greedy decoding; at most 4,096
@@ -500,40 +500,38 @@ def write_solvable(path, bench, ids):
 # Main
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = data.cli_parser(__doc__)
     # what to evaluate
-    ap.add_argument("--bench", default="all", help=f"comma-separated, or all: {', '.join(BENCHMARKS)}")
-    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny`")
-    ap.add_argument("--data", action="append", default=[],
-                    help="PATH (one benchmark), BENCH=PATH (repeatable), or toy; default: the hub copy")
-    ap.add_argument("--image-root", help="directory that relative image paths are under (default: the data's); "
-                    "missing images skip their items, or use --no-image")
-    ap.add_argument("--limit", type=int, default=None, help="first N rows of each benchmark")
-    ap.add_argument("--out", default="runs/eval")
-    # protocol (paper §3: greedy, at most 4,096 generated tokens with the forced exit inside them;
-    # 5 samples at temperature 0.3 for avg/maj/pass@5)
-    ap.add_argument("--samples", type=int, default=1, help="K samples per item: avg@K, maj@K, pass@K")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3); the sampling study uses 0.3")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens in total (§3)")
-    ap.add_argument("--think-budget", type=int, default=None,
-                    help="forced exit (§2.1) after this many thinking tokens; default: --max-new-tokens minus "
-                    "--answer-budget (3,584), so that '</think>' and a full answer still fit under the cap; 0: off. "
-                    "The paper gives the cap, not the split (ours)")
+    ap.add_argument("--bench", default="all", help="comma-separated names (table in README), or all")
+    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny` (default: the base)")
+    ap.add_argument("--data", action="append", default=[], help="PATH, BENCH=PATH (repeatable), or toy (a preset); "
+                    "default: the hub")
+    ap.add_argument("--image-root", help="where relative image paths start (default: the data's directory)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
+    ap.add_argument("--out", default="runs/eval", help="records (resumable), summary.json, results.md")
+    # protocol (§3, appendix C)
+    ap.add_argument("--samples", type=int, default=1, help="K samples per item: avg/maj/pass@K (§3: 1, or 5)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3: greedy; 0.3 with 5 samples)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (§3: none)")
+    ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens, all told (§3: 4,096)")
+    ap.add_argument("--think-budget", type=int, default=None, help="forced exit after this many thinking tokens; "
+                    "0: off (default: the cap minus --answer-budget: ours)")
     ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
-    ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution bounds (X-Reasoner-7B's card)")
-    ap.add_argument("--max-pixels", type=int, default=262144)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    # the text-only ablation (paper Table 6)
+    ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
+    ap.add_argument("--max-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (ours)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seeds, per (item, sample) (ours)")
+    # the text-only ablation (Table 6)
     ap.add_argument("--no-image", action="store_true", help="drop every image from the prompts")
-    ap.add_argument("--text-solvable-out", help="record (bench<TAB>id) the items answered right in all K samples")
-    ap.add_argument("--exclude-ids", action="append", default=[],
-                    help="files of ids to leave out, comma-separated or repeated: their union (Table 6: the "
-                    "--text-solvable-out files of every model compared)")
-    ap.add_argument("--compare", action="store_true", help="add the paper's numbers to the table (Table 6's "
-                    "with --exclude-ids)")
+    ap.add_argument("--text-solvable-out", help="record the items right in all K samples (bench<TAB>id)")
+    ap.add_argument("--exclude-ids", action="append", default=[], help="id files to leave out, comma-separated or "
+                    "repeated (their union)")
+    ap.add_argument("--compare", action="store_true", help="the paper's numbers beside ours (Table 6's with "
+                    "--exclude-ids)")
     args = ap.parse_args(argv)
+    args.passed = data.passed_flags(ap, argv)
+    # the tiny model's ~40-token answers: a short cap, the forced exit inside it (announced once the model loads)
+    args.preset = data.toy_preset(args, {"max_new_tokens": 64, "answer_budget": 16}) if "toy" in args.data else ""
     args.exclude_ids = [p for entry in args.exclude_ids for p in entry.split(",") if p]
     if args.think_budget is None:
         args.think_budget = max(args.max_new_tokens - args.answer_budget, 0)
@@ -636,8 +634,10 @@ def main(argv=None):
     given = sources(args, benches)
     rank, world, device = setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = data.load_model(args.model, dtype=dtype, device=device).eval()
+    model = data.load_model(args.model, dtype=dtype, device=device, progress=rank == 0).eval()
     args.fingerprint = data.model_fingerprint(args.model)
+    if args.preset and rank == 0:
+        print(args.preset, file=sys.stderr)
     processor = data.load_processor(args.model)
     if args.max_pixels:
         processor.image_processor.size = {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
@@ -659,6 +659,14 @@ def main(argv=None):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         (out / "results.md").write_text(table(list(summary.values()), args.compare, bool(args.exclude_ids)) + "\n")
         print(table(summaries, args.compare, bool(args.exclude_ids)))
+        if args.samples > 1:  # the sampling study (§3): avg, majority vote and pass@K side by side
+            from sft import svg_page, write_atomic
+            k, names = args.samples, [s["bench"] for s in summaries]
+            bars = [(f"{metric}@{k}", [s[key] for s in summaries]) for metric, key in
+                    (("avg", "accuracy"), ("maj", f"maj@{k}"), ("pass", f"pass@{k}"))]
+            write_atomic(out / "results.svg", svg_page([("accuracy (%)", names, bars, None, True)],
+                                                       f"{args.model}: {k} samples at temperature {args.temperature}",
+                                                       max(520, 160 * len(names) + 80), 320, 1))
     if failed:
         raise data.DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
     return summaries

@@ -209,7 +209,7 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
         seeds = [base * 1_000_003 + i for i in range(len(conversations))]  # a row's samples depend on its index
     order = sorted(range(len(encodings)), key=lambda i: encodings[i]["input_ids"].shape[1])
     from tqdm import tqdm
-    bar = tqdm(total=len(order), desc="generate", disable=not progress)
+    bar = tqdm(total=len(order), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         budget = min(max_new_tokens, limit - max(encodings[i]["input_ids"].shape[1] for i in rows))
@@ -271,34 +271,35 @@ def distil(model, processor, rows, samples=4, seed=0, **sampling):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    import data
+    ap = data.cli_parser(__doc__)
     # model
-    ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="hub id, local directory, or `tiny`")
+    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory, or `tiny` (default: the base)")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
     # input
-    ap.add_argument("--prompt", help="a single user message")
-    ap.add_argument("--image", action="append", default=[], help="image file(s) for --prompt")
-    ap.add_argument("--input", help="JSONL with {'prompt': str, 'images': [paths]} per line")
-    ap.add_argument("--output", help="JSONL to write completions to (with --input), or the distilled rows")
-    ap.add_argument("--distil", help="RL-schema rows (MedQA: question, options, answer_idx): sample --samples answers "
-                    "per question and write the correct ones to --output as SFT rows (X-Reasoner-Med, §3.2)")
+    ap.add_argument("--prompt", help="one user message")
+    ap.add_argument("--image", action="append", default=[], help="an image for --prompt (repeatable)")
+    ap.add_argument("--input", help="JSONL of {'prompt': str, 'images': [paths]}")
+    ap.add_argument("--output", help="JSONL for the completions (with --input), or the distilled rows")
+    ap.add_argument("--template", choices=["train", "mc", "math", "none"], default="train",
+                    help="appendix C's prompt around each message: training, multiple-choice, math, or none")
+    ap.add_argument("--distil", help="RL-schema rows (MedQA): keep a teacher's right answers as SFT rows (§3.2)")
     ap.add_argument("--samples", type=int, default=4, help="completions per question with --distil (ours)")
     # sampling
-    ap.add_argument("--max-new-tokens", type=int, default=4096)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens (§3: 4,096)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     ap.add_argument("--think-budget", type=int, default=None, help="forced exit after this many thinking tokens")
-    ap.add_argument("--answer-budget", type=int, default=512, help="tokens allowed after a forced exit")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = ap.parse_args(argv)
-    import data
     if args.distil and not args.output:
         ap.error("--distil needs --output")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
-    model = data.load_model(args.model, dtype=dtype, device=device).eval()
+    model = data.load_model(args.model, dtype=dtype, device=device, progress=True).eval()
     processor = data.load_processor(args.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size)
@@ -326,8 +327,13 @@ def main(argv=None):
         ap.error("give --prompt or --input")
     rows = data.convert_rows(rows, lambda r: r | {"prompt": str(r["prompt"]), "images": r.get("images") or []},
                              "--input")  # rows without a prompt are counted and skipped
+    templates = {"train": data.TRAIN_PROMPT, "mc": data.EVAL_MC_PROMPT, "math": data.EVAL_MATH_PROMPT, "none": "{question}"}
+    print(f"template: {args.template}" + {"train": " (appendix C's training prompt: what SFT and GRPO saw)",
+                                         "none": " (the message as given)"}.get(args.template, " (appendix C)"),
+          file=sys.stderr)
     try:
-        conversations = [[data.user_message(r["prompt"], [data.load_image(p) for p in r["images"]])] for r in rows]
+        conversations = [[data.user_message(templates[args.template].format(question=r["prompt"]),
+                                            [data.load_image(p) for p in r["images"]])] for r in rows]
         completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
                                **sampling)
     except (ValueError, OSError) as e:  # a missing image, a prompt longer than the context

@@ -1,7 +1,7 @@
 """Stage 2 of X-Reasoner: GRPO with verifiable 1/0 rewards on text-only math (paper §2.2, appendices A, B.2).
 
     torchrun --nproc_per_node 8 grpo.py --model runs/sft/final --group-size 8       # the paper's run
-    python grpo.py --model runs/sft/final --data toy --prompts-per-step 8 --max-new-tokens 64 --out runs/grpo
+    python grpo.py --model runs/sft/final --data toy --out runs/grpo   # the toy sums on a CPU (a preset), ~1 min
 
 One step, in reading order (each a function below):
     1. rollouts          every rank samples `group_size` answers for its share of the prompts (generate.py),
@@ -44,49 +44,48 @@ import sft
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = data.cli_parser(__doc__)
     # model and data
-    ap.add_argument("--model", required=True, help="the SFT checkpoint directory (stage 1's final), or `tiny`")
-    ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL or path), MedQA rows, or `toy`")
-    ap.add_argument("--out", default="runs/grpo")
-    # GRPO (paper B.2)
-    ap.add_argument("--group-size", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step, all ranks together")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=4096)
-    ap.add_argument("--think-budget", type=int, default=None, help="forced exit (§2.1) during rollouts; off in B.2")
-    ap.add_argument("--answer-budget", type=int, default=512)
-    ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient (B.2); 0 skips the reference model")
-    ap.add_argument("--eps-low", type=float, default=0.2, help="PPO clip range below 1 (B.2's epsilon)")
-    ap.add_argument("--eps-high", type=float, default=0.28,
-                    help="clip-higher, the range above 1: §2.2 uses 'a higher upper clipping threshold' without a "
-                    "number; 0.28 is DAPO's value, an assumption")
-    ap.add_argument("--dual-clip", type=float, default=3.0,
-                    help="dual-clip PPO: for A < 0 a token's loss is at most this x |A| (verl's clip_ratio_c, the "
-                    "authors' RL code base; binds only off-policy, --ppo-mini-batches > 1); 0: off")
-    ap.add_argument("--no-std", action="store_true", help="advantages r - mean(r), without dividing by the std")
-    ap.add_argument("--ppo-mini-batches", type=int, default=1, help="optimizer steps per rollout batch")
-    # optimization
-    ap.add_argument("--lr", type=float, default=3e-6)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warm-up")
-    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--model", required=True, help="stage 1's checkpoint (runs/sft/final), a hub id, or `tiny`")
+    ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL/path), MedQA rows, or `toy` (a preset)")
+    ap.add_argument("--out", default="runs/grpo", help="run directory: checkpoints, metrics.jsonl, curves.svg")
+    # rollouts (appendix B.2)
+    ap.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step, all ranks (B.2: 128)")
+    ap.add_argument("--group-size", type=int, default=8, help="samples per prompt (B.2: 8)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (B.2: 1.0)")
+    ap.add_argument("--max-new-tokens", type=int, default=4096, help="response length cap (B.2: 4,096)")
+    ap.add_argument("--think-budget", type=int, default=None, help="forced exit (§2.1) in rollouts (B.2: none)")
+    ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
+    # the objective (§2.2, appendix A)
+    ap.add_argument("--beta", type=float, default=0.01, help="k3 KL coefficient; 0 drops the reference (B.2: 0.01)")
+    ap.add_argument("--eps-low", type=float, default=0.2, help="PPO clip range below 1 (B.2: 0.2)")
+    ap.add_argument("--eps-high", type=float, default=0.28, help="clip-higher above 1 (§2.2, no value given; DAPO's)")
+    ap.add_argument("--dual-clip", type=float, default=3.0, help="A < 0 costs at most this x |A|; 0: off (verl's)")
+    ap.add_argument("--no-std", action="store_true", help="advantages r - mean(r), unscaled (Dr. GRPO; ours: off)")
+    ap.add_argument("--ppo-mini-batches", type=int, default=1, help="optimizer steps per rollout batch (verl's: 1)")
+    # optimization (appendix B.2)
+    ap.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (B.2: 3e-6)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="(B.2: 0.01)")
+    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up (B.2: 10%%)")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (B.2: 1.0)")
+    ap.add_argument("--epochs", type=int, default=3, help="passes over the prompts (B.2: 3)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    ap.add_argument("--seed", type=int, default=0, help="prompt order and rollout seeds (ours)")
+    # systems (ours)
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per training forward")
     ap.add_argument("--gen-batch", type=int, default=64, help="sequences per generation batch")
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    # systems
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
-    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds (a finished or broken run)")
-    ap.add_argument("--allow-changes", action="store_true", help="--resume even where settings differ from the run's")
-    ap.add_argument("--reward-processes", type=int, default=4)
-    ap.add_argument("--offload", action="store_true",
-                    help="keep the training state (policy shards, AdamW state, reference) in host memory during "
-                    "rollouts and the inference copy during the update: the paper's 7B run on 40 GB GPUs (ours)")
-    return ap.parse_args(argv)
+    ap.add_argument("--reward-processes", type=int, default=4, help="verifier helper processes")
+    ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
+    ap.add_argument("--save-every", type=int, default=50, help="save every N steps")
+    ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept beside final (0: all)")
+    ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
+    # run directory
+    ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    ap.add_argument("--allow-changes", action="store_true", help="--resume even if settings differ from the run's")
+    args = ap.parse_args(argv)
+    args.passed = data.passed_flags(ap, argv)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,14 +221,14 @@ def inference_copy(policy, name, dtype, device):
 # ----------------------------------------------------------------------------------------------------
 # One step
 
-def rollouts(infer, processor, prompts, args, seeds):
+def rollouts(infer, processor, prompts, args, seeds, progress=False):
     """group_size samples of each prompt; rows keep the prompt, the completion and which group it belongs to."""
     expanded = [(g, p) for g, p in enumerate(prompts) for _ in range(args.group_size)]
     seeds = [s * args.group_size + k for s in seeds for k in range(args.group_size)]
     completions = generate.generate(infer, processor, [p["messages"] for _, p in expanded],
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     think_budget=args.think_budget, answer_budget=args.answer_budget,
-                                    batch_size=args.gen_batch, seed=seeds)
+                                    batch_size=args.gen_batch, seed=seeds, progress=progress)
     return [{"group": g, "messages": p["messages"], "answer": p["answer"], "options": p["options"],
              "token_ids": c.token_ids, "sampled": c.sampled, "text": c.text, "finish_reason": c.finish_reason}
             for (g, p), c in zip(expanded, completions)]
@@ -294,7 +293,7 @@ def update(policy, optimizer, trainable, processor, rows, args, world, device):
             stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"].item())
             stats["entropy"] += (entropy * mask).sum().item()
             stats["tokens"] += mask.sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         stats["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -306,6 +305,11 @@ def update(policy, optimizer, trainable, processor, rows, args, world, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = sft.setup_distributed()
+    preset = ""
+    if args.data == "toy":  # the toy sums on a CPU in ~1 minute: reward rises, the format stays
+        preset = data.toy_preset(args, {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48,
+                                        "max_steps": 80, "lr": 3e-4, "beta": 0.0, "micro_batch": 32, "warmup": 0.0,
+                                        "save_every": 0})
     sft.check_run_dir(args)
     data.check_model(args.model)
     if args.prompts_per_step % world:
@@ -314,6 +318,8 @@ def main(argv=None):
     prompts = data.load_rl_data(args.data)
     if len(prompts) < args.prompts_per_step:
         raise data.DataError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {args.prompts_per_step}")
+    if preset and rank == 0:
+        print(preset, file=sys.stderr)
     processor = data.load_processor(args.model)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     # fp32 master weights, sharded, with activation checkpointing on GPU (4,096-token responses)
@@ -331,7 +337,11 @@ def main(argv=None):
     if args.resume:
         refresh_inference_copy(policy, infer)
     sft.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
-    metrics, preempt = sft.Metrics(args.out, rank), sft.Preemption(device)
+    metrics = sft.Metrics(args.out, rank, [
+        ("reward", ["reward"]), ("response length (tokens)", ["response_len", "response_len_max"]), ("KL", ["kl"]),
+        ("entropy", ["entropy"]), ("truncated share", ["clip_ratio"]), ("forced-exit share", ["forced_exit"]),
+        ("PPO clip fraction", ["policy_clipped"]), ("tagged answers", ["tagged"])], f"grpo.py --out {args.out}")
+    preempt = sft.Preemption(device)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
     step = state["step"]
@@ -352,7 +362,7 @@ def main(argv=None):
         # other way round during the update, so each phase has the GPU to itself (40 GB cards)
         parked = offload([*policy.parameters(), *optimizer_state(optimizer),
                           *(reference.parameters() if reference is not None else [])]) if args.offload else []
-        rows = rollouts(infer, processor, [prompts[i] for i in mine], args, seeds)
+        rows = rollouts(infer, processor, [prompts[i] for i in mine], args, seeds, progress=rank == 0)
         reload(parked)
         parked = offload(infer.parameters()) if args.offload else []
         times["generate"], t = time.perf_counter() - t, time.perf_counter()
@@ -393,6 +403,7 @@ def main(argv=None):
         if sft.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
             break
     bar.close()
+    metrics.draw()
     if dist.is_initialized():
         dist.destroy_process_group()
     return policy

@@ -1,7 +1,7 @@
 """Stage 1 of X-Reasoner: long chain-of-thought SFT of Qwen2.5-VL on text only, with FSDP2.
 
     torchrun --nproc_per_node 8 sft.py                             # the paper's run (appendix B.1)
-    python sft.py --model tiny --data toy --global-batch 8 --micro-batch 4 --epochs 2 --out runs/sft   # CPU
+    python sft.py --model tiny --data toy --out runs/sft           # the toy task on a CPU (a preset), ~20 s
 
 The paper fine-tunes all language-model weights of Qwen2.5-VL-7B-Instruct on OpenThoughts-114k rewritten to
 <think>...</think><answer>...</answer>, 4 epochs, AdamW lr 1e-5 decayed x0.8 per epoch, 128 sequences per
@@ -36,35 +36,38 @@ import data
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = data.cli_parser(__doc__)
     # model and data
-    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory, or `tiny`")
-    ap.add_argument("--data", default=data.OPENTHOUGHTS, help="hub id, local .json/.jsonl/.parquet, or `toy`")
-    ap.add_argument("--out", default="runs/sft", help="checkpoints and metrics.jsonl go here")
-    ap.add_argument("--max-len", type=int, default=4096, help="truncate longer conversations (counted)")
-    # optimization (paper B.1)
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--lr-decay", type=float, default=0.8, help="learning rate multiplied by this after each epoch")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--global-batch", type=int, default=128, help="sequences per optimizer step, all ranks")
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one device")
-    ap.add_argument("--clip", type=float, default=0.0,
-                    help="gradient-norm clip; 0: off, as appendix B.1 lists none (the norm is still logged)")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop early (tests, smoke runs)")
-    ap.add_argument("--seed", type=int, default=0)
-    # systems
-    ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
-                    help="activation checkpointing; auto = on for GPU")
-    ap.add_argument("--train-vision", action="store_true", help="also train the vision tower and merger")
-    ap.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: epoch ends only)")
-    ap.add_argument("--resume", default=None, help="a checkpoint directory written by this script")
-    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds (a finished or broken run)")
-    ap.add_argument("--allow-changes", action="store_true", help="--resume even where settings differ from the run's")
-    ap.add_argument("--window", type=int, default=16, help="length-grouping window, in global batches")
-    return ap.parse_args(argv)
+    ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory or `tiny` (default: the paper's)")
+    ap.add_argument("--data", default=data.OPENTHOUGHTS, help="hub id, .json/.jsonl/.parquet, or `toy` (a CPU preset)")
+    ap.add_argument("--out", default="runs/sft", help="run directory: checkpoints, metrics.jsonl, curves.svg")
+    ap.add_argument("--max-len", type=int, default=4096, help="longer conversations are cut (counted) (B.1: 4,096)")
+    # optimization (appendix B.1)
+    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (B.1: 1e-5)")
+    ap.add_argument("--lr-decay", type=float, default=0.8, help="lr multiplied by this after each epoch (B.1: 0.8)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="(B.1: 0.0)")
+    ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (B.1: 0.9, 0.999)")
+    ap.add_argument("--epochs", type=int, default=4, help="passes over the data (B.1: 4)")
+    ap.add_argument("--global-batch", type=int, default=128, help="sequences per step, all ranks (B.1: 4 x 32 GPUs)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one GPU (B.1: 4)")
+    ap.add_argument("--grad-clip", type=float, default=0.0, help="gradient-norm clip; 0: off (B.1 lists none)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    ap.add_argument("--seed", type=int, default=0, help="data order (ours)")
+    ap.add_argument("--window", type=int, default=16, help="length grouping: sort within this many batches (ours)")
+    # systems (ours)
+    ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="activation checkpointing "
+                    "(auto: on GPU)")
+    ap.add_argument("--train-vision", action="store_true", help="train the vision tower too (text gives it no signal)")
+    ap.add_argument("--save-every", type=int, default=0, help="save every N steps (0: at each epoch's end)")
+    ap.add_argument("--keep", type=int, default=2, help="step/epoch checkpoints kept beside final (0: all)")
+    ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
+    # run directory
+    ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    ap.add_argument("--allow-changes", action="store_true", help="--resume even if settings differ from the run's")
+    args = ap.parse_args(argv)
+    args.passed = data.passed_flags(ap, argv)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,10 +108,15 @@ def shard_model(model, device, train_vision=False, checkpointing=False, bf16=Non
     with fp32 gradient reduction. Parameters keep their dtype (fp32: the optimizer's master copy)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     model.model.visual.requires_grad_(train_vision)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # recompute each layer in backward: keep only its input
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not dist.is_initialized():
         return model.to(device)
+    import warnings  # the root returns hidden_states views; nothing here writes to them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     bf16 = device.type == "cuda" if bf16 is None else bf16
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
@@ -123,11 +131,11 @@ def load_sharded(name, device, train_vision=False, checkpointing=False, dtype=to
     memory), then every tensor is scattered from rank 0 straight into its shards, one tensor at a time, so host
     memory holds one full copy (rank 0's), not one per rank."""
     if not dist.is_initialized():
-        return shard_model(data.load_model(name, dtype), device, train_vision, checkpointing, bf16)
+        return shard_model(data.load_model(name, dtype, progress=True), device, train_vision, checkpointing, bf16)
     from torch.distributed.tensor import DTensor, distribute_tensor
     full = None
     if dist.get_rank() == 0:
-        loaded = data.load_model(name, dtype)
+        loaded = data.load_model(name, dtype, progress=True)
         full = {**loaded.state_dict(), **dict(loaded.named_buffers())}
         del loaded
     with torch.device("meta"):
@@ -174,9 +182,9 @@ def commit(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, optimizer, processor, path, state, rank):
-    """An HF directory (config, sharded safetensors, processor) that from_pretrained loads, plus the resumable
-    training state in `train_state/` (torch.distributed.checkpoint). Written aside, then renamed."""
+def save_checkpoint(model, optimizer, processor, path, state, rank, resumable=True):
+    """An HF directory (config, sharded safetensors, processor) that from_pretrained loads, plus, if `resumable`,
+    the training state in `train_state/` (torch.distributed.checkpoint). Written aside, then renamed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     tmp = atomic_dir(path)
@@ -186,15 +194,17 @@ def save_checkpoint(model, optimizer, processor, path, state, rank):
     barrier()
     weights = full_state_dict(model)
     if rank == 0:
+        data.transformers_progress(False)
         model.save_pretrained(tmp, state_dict=weights, max_shard_size="2GB")
         processor.save_pretrained(tmp)
         (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    import warnings
-    with warnings.catch_warnings():  # a world of one is a fine DCP user; no need to warn about it
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_{rank}.pt")
+    if resumable:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        import warnings
+        with warnings.catch_warnings():  # a world of one is a fine DCP user; no need to warn about it
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_{rank}.pt")
     barrier()
     if rank == 0:
         commit(tmp, path)
@@ -236,11 +246,24 @@ def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, d
     exists, and otherwise continues with the --resume printed here."""
     stop = preempt.check()
     if stop or due or step == total:
-        path = Path(args.out) / ("final" if step == total else f"step_{step}")
-        save_checkpoint(model, optimizer, processor, path, {"step": step, "args": settings(args)}, rank)
-        if stop and rank == 0:
-            print(f"SIGTERM: saved {path}; continue with --resume {path}", file=sys.stderr)
+        final = step == total and not stop
+        path = Path(args.out) / ("final" if final else f"step_{step}")
+        # final holds the weights alone (the optimizer state is twice their size) unless --final-state
+        save_checkpoint(model, optimizer, processor, path, {"step": step, "args": settings(args)}, rank,
+                        resumable=not final or args.final_state)
+        if rank == 0:
+            prune_checkpoints(Path(args.out), args.keep)
+            from tqdm import tqdm
+            tqdm.write(f"saved {path}" + (f"; continue with --resume {path}" if stop else ""), file=sys.stderr)
     return stop
+
+
+def prune_checkpoints(out, keep):
+    """Keep the newest `keep` step_N checkpoints (0: all); called once a newer one is safely in place, so the
+    checkpoint a run resumed from survives until `keep` newer ones exist. `final` is never pruned."""
+    saved = sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    for old in saved[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,11 +271,12 @@ def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, d
 
 # Flags that may differ on --resume without changing what the run computes (ours)
 RESUME_MAY_CHANGE = {"resume", "out", "overwrite", "allow_changes", "max_steps", "micro_batch", "save_every", "keep",
-                     "checkpointing", "reward_processes", "gen_batch", "offload"}
+                     "final_state", "checkpointing", "reward_processes", "gen_batch", "offload"}
 
 
 def settings(args):
-    return json.loads(json.dumps(vars(args)))  # as JSON has them: tuples become lists
+    """The run's settings as JSON has them (tuples become lists), without the bookkeeping of which were passed."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "passed"}))
 
 
 def check_run_dir(args):
@@ -265,6 +289,9 @@ def check_run_dir(args):
         state = Path(args.resume) / "train_state.json"
         if not state.exists():
             raise data.DataError(f"--resume {args.resume}: not a checkpoint of this script (no train_state.json)")
+        if not (Path(args.resume) / "train_state").is_dir():
+            raise data.DataError(f"--resume {args.resume}: holds the weights alone, no optimizer state (a final "
+                                 f"checkpoint keeps it with --final-state)")
         recorded, now = json.loads(state.read_text()).get("args", {}), settings(args)
         changed = [f"--{k.replace('_', '-')} {recorded[k]} -> {v}" for k, v in now.items()
                    if k in recorded and k not in RESUME_MAY_CHANGE and recorded[k] != v]
@@ -319,15 +346,96 @@ def write_atomic(path, text):
 
 
 class Metrics:
-    """metrics.jsonl on rank 0, one JSON object per step."""
+    """metrics.jsonl on rank 0, one JSON object per step, and curves.svg beside it: one line chart per panel,
+    (title, [metric keys]), redrawn at most every 20 s and when the run ends."""
 
-    def __init__(self, out, rank):
-        self.file = open(Path(out) / "metrics.jsonl", "a") if rank == 0 else None
+    def __init__(self, out, rank, panels, title):
+        self.path, self.panels, self.title, self.drawn = Path(out), panels, title, 0.0
+        self.rows = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines()] \
+            if rank == 0 and (self.path / "metrics.jsonl").exists() else []  # a resumed run's earlier steps
+        self.file = open(self.path / "metrics.jsonl", "a") if rank == 0 else None
 
     def log(self, **row):
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+            self.rows.append(row)
+            if time.monotonic() - self.drawn > 20:
+                self.draw()
+
+    def draw(self):
+        if self.file and self.rows:
+            write_atomic(self.path / "curves.svg", svg_lines(self.rows, self.panels, self.title))
+            self.drawn = time.monotonic()
+
+
+# Dependency-free SVG charts (curves.svg of sft.py and grpo.py, evaluate.py's sampling bars)
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round-numbered ticks covering [lo, hi]."""
+    if hi - lo < 1e-12 * max(abs(lo), abs(hi), 1):
+        lo, hi = lo - 0.5 * (abs(lo) or 1), hi + 0.5 * (abs(hi) or 1)
+    raw = (hi - lo) / n
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 2.5, 5, 10)
+                if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    first = math.floor(lo / step) * step
+    return [first + k * step for k in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False):
+    """One chart at (x0, y0): axes with ticks and labels, then `series` [(label, ys)] as lines, or as grouped
+    bars over categorical xs. Each line/bar carries its raw values in data- attributes."""
+    values = [v for _, ys in series for v in ys if v is not None and math.isfinite(v)] or [0.0]
+    yt = nice_ticks(0.0 if bars else min(values), max(values))
+    xt = list(range(len(xs) + 1)) if bars else nice_ticks(min(xs), max(xs), 4)  # bars: category i spans [i, i+1]
+    px = lambda x: x0 + 52 + (x - xt[0]) / ((xt[-1] - xt[0]) or 1) * (w - 64)  # noqa: E731
+    py = lambda y: y0 + h - 34 - (y - yt[0]) / ((yt[-1] - yt[0]) or 1) * (h - 58)  # noqa: E731
+    from xml.sax.saxutils import escape
+    out = [f'<text x="{x0 + 52}" y="{y0 + 16}" font-weight="bold">{escape(title)}</text>',
+           f'<rect x="{x0 + 52}" y="{y0 + 24}" width="{w - 64}" height="{h - 58}" fill="none" stroke="#999"/>']
+    for t in yt:
+        out.append(f'<line x1="{x0 + 48}" x2="{x0 + w - 12}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
+                   f'<text x="{x0 + 46}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+    for i, t in enumerate(xt[:len(xs)] if bars else xt):
+        label = escape(str(xs[i])) if bars else f"{t:.4g}"
+        out.append(f'<text x="{px(t + (0.5 if bars else 0)):.1f}" y="{y0 + h - 18}" text-anchor="middle">{label}</text>')
+    if xlabel:
+        out.append(f'<text x="{x0 + w / 2 + 20}" y="{y0 + h - 2}" text-anchor="middle">{xlabel}</text>')
+    for k, (label, ys) in enumerate(series):
+        color, data_ = COLORS[k % len(COLORS)], f'data-label="{label}" data-y="{",".join(repr(v) for v in ys)}"'
+        if bars:
+            width = 0.8 / len(series)
+            out += [f'<rect x="{px(i + 0.1 + k * width):.1f}" y="{py(v):.1f}" width="{px(width) - px(0):.1f}" '
+                    f'height="{py(yt[0]) - py(v):.1f}" fill="{color}" data-label="{label}" data-value="{v!r}"/>'
+                    for i, v in enumerate(ys)]
+        else:
+            points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if y is not None and math.isfinite(y))
+            out.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5" {data_} '
+                       f'data-x="{",".join(repr(x) for x in xs)}"/>')
+        if len(series) > 1:  # the legend: one line per series, right of the title row, out of the plot
+            out.append(f'<text x="{x0 + w - 12}" y="{y0 + 8 + 8 * k}" text-anchor="end" font-size="8" '
+                       f'fill="{color}">{escape(label)}</text>')
+    return out
+
+
+def svg_page(panels, title, w, h, cols):
+    from xml.sax.saxutils import escape
+    rows = math.ceil(len(panels) / cols)
+    body = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * cols}" height="{h * rows + 30}" '
+            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+            f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(title)}</text>']
+    for i, panel in enumerate(panels):
+        body += svg_panel(w * (i % cols), 30 + h * (i // cols), w, h, *panel)
+    return "\n".join(body + ["</svg>"]) + "\n"
+
+
+def svg_lines(rows, panels, title):
+    """Line charts of metric rows against their step: one panel per (title, [keys])."""
+    xs = [r["step"] for r in rows]
+    charts = [(name, xs, [(k, [r.get(k) for r in rows]) for k in keys], "step") for name, keys in panels]
+    return svg_page(charts, title, 320, 210, 4 if len(charts) > 6 else 3)
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU
@@ -380,7 +488,7 @@ def collate(examples, pad_id, device):
 
 def last_hidden(model, **inputs):
     """The final (normed) hidden states, (B, T, H), without the model's own B x T x vocab logits."""
-    return model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    return model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False).hidden_states[-1]
 
 
 def head_chunks(model, hidden, fn, chunk=1024):
@@ -408,8 +516,15 @@ def main(argv=None):
     launched = time.perf_counter()
     args = parse_args(argv)
     rank, world, device = setup_distributed()
+    preset = ""
+    if args.data == "toy":  # the toy task on a CPU in ~20 s: what the README demo and the tests use
+        micro = max(1, 10 // world)
+        preset = data.toy_preset(args, {"global_batch": micro * world, "micro_batch": micro, "epochs": 36,
+                                        "lr": 3e-3, "lr_decay": 1.0, "save_every": 120})
     check_run_dir(args)
     data.check_model(args.model)
+    if preset and rank == 0:
+        print(preset, file=sys.stderr)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     micro_per_step = args.global_batch // args.micro_batch
@@ -420,7 +535,7 @@ def main(argv=None):
     processor = data.load_processor(args.model)
     # Tokenized once per machine (local rank 0; the others wait), then mapped from disk by every rank.
     examples = data.load_sft_data(args.data, processor, args.max_len, build=int(os.environ.get("LOCAL_RANK", 0)) == 0,
-                                  wait=lambda failed: any_rank(failed, device))
+                                  wait=lambda failed: any_rank(failed, device), report=rank == 0)
     if len(examples) < args.global_batch:
         raise data.DataError(f"{len(examples)} examples cannot fill one global batch of {args.global_batch}")
     lengths = examples.lengths
@@ -439,7 +554,9 @@ def main(argv=None):
     if args.resume:
         state = load_checkpoint(model, optimizer, args.resume, rank)
     start_run(args, "sft", rank, world, state["step"] if args.resume else None)
-    metrics, preempt = Metrics(args.out, rank), Preemption(device)
+    metrics = Metrics(args.out, rank, [("loss", ["loss"]), ("learning rate", ["lr"]), ("tokens/s", ["tokens_per_s"]),
+                                       ("gradient norm", ["grad_norm"])], f"sft.py --out {args.out}")
+    preempt = Preemption(device)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="sft")
     pad = processor.tokenizer.pad_token_id
@@ -463,7 +580,7 @@ def main(argv=None):
             loss_sum += loss.detach()
             tokens += int(mask.sum())
             padded += mask.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip or float("inf"))  # inf: measure only
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))  # inf: measure only
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -479,10 +596,11 @@ def main(argv=None):
         metrics.log(**row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        due = step % steps_per_epoch == 0 or (args.save_every and step % args.save_every == 0)
+        due = step % (args.save_every or steps_per_epoch) == 0
         if save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
             break
     bar.close()
+    metrics.draw()
     if dist.is_initialized():
         dist.destroy_process_group()
     return model

@@ -328,6 +328,10 @@ def test_samples_no_image_and_text_solvable(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "mathvista.jsonl").read_text().splitlines()]
     assert len(lines) == 18 and {r["sample"] for r in lines} == {0, 1}
     assert set(s) >= {"maj@2", "pass@2"}
+    import xml.etree.ElementTree as ET  # the avg/maj/pass@2 bars, each carrying its value
+    bars = {r.get("data-label"): float(r.get("data-value")) for r in ET.parse(str(tmp_path / "results.svg")).getroot()
+            .iter("{http://www.w3.org/2000/svg}rect") if r.get("data-label")}
+    assert bars == {"avg@2": s["accuracy"], "maj@2": s["maj@2"], "pass@2": s["pass@2"]}
     by_id = {}
     for r in lines:
         by_id.setdefault(r["id"], []).append(r["correct"])

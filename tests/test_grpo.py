@@ -194,6 +194,12 @@ def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
     assert keys <= rows[0].keys()
     assert rows[0]["forced_exit"] > 0  # budget 8 < the SFT'd model's ~20-token thought
     assert (tmp_path / "final" / "config.json").exists()
+    import xml.etree.ElementTree as ET  # the paper's curves, drawn: one line per metric, its values attached
+    lines = {p.get("data-label"): p for p in ET.parse(str(tmp_path / "curves.svg")).getroot().iter(
+        "{http://www.w3.org/2000/svg}polyline")}
+    assert set(lines) == {"reward", "response_len", "response_len_max", "kl", "entropy", "clip_ratio", "forced_exit",
+                          "policy_clipped", "tagged"}
+    assert [float(v) for v in lines["reward"].get("data-y").split(",")] == [r["reward"] for r in rows]
 
 
 def test_grpo_raises_the_reward_of_an_sft_model(sft_tiny, tmp_path):
@@ -201,9 +207,7 @@ def test_grpo_raises_the_reward_of_an_sft_model(sft_tiny, tmp_path):
     steps (about a minute of CPU, fixed seeds) must raise the mean reward clearly while keeping the format: the
     reward reads only tagged answers, so dropping <think>/<answer> cannot pay (observed: 0.26 -> 0.42)."""
     path, _ = sft_tiny
-    grpo.main(["--model", path, "--data", "toy", "--prompts-per-step", "16", "--group-size", "8",
-               "--max-new-tokens", "48", "--max-steps", "80", "--lr", "3e-4", "--beta", "0", "--micro-batch", "32",
-               "--warmup", "0", "--save-every", "0", "--reward-processes", "1", "--out", str(tmp_path)])
+    grpo.main(["--model", path, "--data", "toy", "--reward-processes", "1", "--out", str(tmp_path)])  # the preset
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
     first, last = mean("reward", rows[:15]), mean("reward", rows[-15:])
@@ -355,7 +359,7 @@ BAD = ["missing_model", "truncated_weights", "bad_config", "out_is_a_file", "out
 def finished_grpo(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished_grpo")
     grpo.main(["--model", "tiny", "--data", "toy", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
-               "4", "--max-steps", "1", "--reward-processes", "1", "--out", str(out)])
+               "4", "--max-steps", "1", "--reward-processes", "1", "--final-state", "--out", str(out)])
     return out
 
 
@@ -379,7 +383,7 @@ def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys
         "too_few_prompts": (["--prompts-per-step", "128"], "100 prompts cannot fill one step of --prompts-per-step 128"),
         "resume_with_other_settings": (["--out", str(finished_grpo), "--resume", str(finished_grpo / "final"),
                                         "--beta", "0.02"], "--resume with other settings than the run's: --beta "
-                                       "0.01 -> 0.02; pass --allow-changes to continue anyway"),
+                                       "0.0 -> 0.02; pass --allow-changes to continue anyway"),
     }[case]
     argv = ["--model", "tiny", "--data", "toy", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
             "4", "--max-steps", "1", "--reward-processes", "1", "--out", str(out), *argv]

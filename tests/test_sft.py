@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_two_ranks_and_any_accumulation_give_the_same_step(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     straight, first = tmp_path / "straight", tmp_path / "first"
     assert run([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(straight)]).returncode == 0
-    assert run([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--out", str(first)]).returncode == 0
+    assert run([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--final-state", "--out", str(first)]).returncode == 0
     r = run([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(first), "--resume", str(first / "final")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(first) == pytest.approx(losses(straight), rel=1e-6)
@@ -85,7 +86,7 @@ def test_loss_falls_and_the_format_is_learned(sft_tiny):
 
 def test_metrics_have_what_a_researcher_reads(tmp_path):
     sft.main(["--model", "tiny", "--data", "toy", "--global-batch", "50", "--micro-batch", "25", "--epochs", "3",
-              "--lr", "1e-3", "--out", str(tmp_path)])
+              "--lr", "1e-3", "--lr-decay", "0.8", "--out", str(tmp_path)])
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "padding", "mfu"} <= metrics[0].keys()
     assert [m["epoch"] for m in metrics] == [0, 0, 1, 1, 2, 2]  # 100 examples, 50 a step
@@ -98,7 +99,7 @@ def test_gradient_clipping_is_off_by_default_as_in_b1(tmp_path, monkeypatch):
     real = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: norms.append(max_norm) or real(p, max_norm))
     sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(tmp_path / "a")])
-    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--clip", "0.5", "--out", str(tmp_path / "b")])
+    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--grad-clip", "0.5", "--out", str(tmp_path / "b")])
     assert norms == [float("inf"), 0.5]
 
 
@@ -117,7 +118,7 @@ def test_length_grouping_keeps_every_example_once_and_cuts_padding():
 
 
 BAD = ["missing_model", "truncated_weights", "bad_config", "out_is_a_file", "out_under_a_file", "finished_run",
-       "no_usable_rows", "resume_with_other_settings"]
+       "no_usable_rows", "resume_with_other_settings", "resume_from_weights_alone"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -125,8 +126,9 @@ def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys
     from conftest import cli_error, snapshot
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"conversations": [{"from": "user", "value": "q"}]}) + "\n")
-    finished = tmp_path / "finished"
-    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(finished)])
+    finished, weights_alone = tmp_path / "finished", tmp_path / "weights_alone"
+    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--final-state", "--out", str(finished)])
+    sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(weights_alone)])
     capsys.readouterr()
     out = tmp_path / "out"
     argv, first = {
@@ -145,9 +147,12 @@ def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys
         "resume_with_other_settings": (["--out", str(finished), "--resume", str(finished / "final"), "--lr", "2e-3"],
                                        "--resume with other settings than the run's: --lr 0.001 -> 0.002; pass "
                                        "--allow-changes to continue anyway"),
+        "resume_from_weights_alone": (["--out", str(weights_alone), "--resume", str(weights_alone / "final")],
+                                      f"--resume {weights_alone / 'final'}: holds the weights alone, no optimizer "
+                                      f"state (a final checkpoint keeps it with --final-state)"),
     }[case]
     argv = [*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(out), *argv]
-    watched = [out, finished, broken.file]
+    watched = [out, finished, weights_alone, broken.file]
     before = [snapshot(p) for p in watched]
     status, lines = cli_error(sft.main, argv, capsys)
     assert (status, lines[0]) == (1, "error: " + first) and len(lines) == 1
@@ -164,7 +169,7 @@ def test_run_directories_refuse_overwrite_and_resume(tmp_path, capsys):
     """A finished run is refused, replaced with --overwrite (fresh metrics, not appended), and a resume from an
     earlier checkpoint rewrites the metrics after it instead of repeating them."""
     out, straight = tmp_path / "run", tmp_path / "straight"
-    common = [*ARGS, "--micro-batch", "4", "--save-every", "2", "--max-steps", "4"]
+    common = [*ARGS, "--micro-batch", "4", "--save-every", "2", "--max-steps", "4", "--final-state"]
     sft.main([*common, "--out", str(straight)])
     sft.main([*common, "--out", str(out)])
     record = json.loads((out / "args.json").read_text())
@@ -202,7 +207,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     last = max(tmp_path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    assert "SIGTERM: saved" in err and f"--resume {last}" in err
+    assert f"saved {last}; continue with --resume {last}" in err
     assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(tmp_path))
     assert (last / "config.json").exists() and (last / "train_state").is_dir()
     assert not list(tmp_path.glob(".*tmp"))
@@ -296,8 +301,9 @@ def measured(*args, **kwargs):  # the peak resident memory around the data loadi
     memory["after"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return examples
 data.load_sft_data = measured
-sft.main(sys.argv[3:])
-open(f"{sys.argv[2]}.rank{os.environ['RANK']}", "w").write(json.dumps(memory))
+if __name__ == "__main__":  # the tokenizing workers import this file too (multiprocessing's forkserver)
+    sft.main(sys.argv[3:])
+    open(f"{sys.argv[2]}.rank{os.environ['RANK']}", "w").write(json.dumps(memory))
 '''
 
 
@@ -344,3 +350,54 @@ def test_sft_data_is_tokenized_once_per_machine_and_mapped(tmp_path):
     finally:
         import shutil
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_two_nodes_give_the_same_step_as_one_process(tmp_path):
+    """Two 'nodes' on one machine (torchrun --nnodes 2, one process each, started separately, meeting at a c10d
+    rendezvous): LOCAL_RANK is 0 on both, data and writes follow the global rank, and the result is the one
+    process's."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = [*ARGS, "--micro-batch", "4", "--max-steps", "2"]
+    one = run([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(k),
+                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+                               "--rdzv-id", "two-nodes", "sft.py", *args, "--out", str(tmp_path / "two")],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(2)]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), errors[0][-2000:] + errors[1][-2000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a, b = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_curves_svg_is_well_formed_and_plots_the_metrics(sft_tiny):
+    """curves.svg beside metrics.jsonl: valid XML; each line carries the logged values and is drawn where they
+    are (a larger value is higher on the page); ticks are labelled."""
+    import xml.etree.ElementTree as ET
+    path, metrics = sft_tiny
+    svg = ET.parse(str(Path(path).parent / "curves.svg")).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = {p.get("data-label"): p for p in svg.iter(ns + "polyline")}
+    assert set(lines) == {"loss", "lr", "tokens_per_s", "grad_norm"}
+    loss = lines["loss"]
+    assert [float(v) for v in loss.get("data-y").split(",")] == [m["loss"] for m in metrics]
+    assert [int(v) for v in loss.get("data-x").split(",")] == [m["step"] for m in metrics]
+    ys = [float(p.split(",")[1]) for p in loss.get("points").split()]
+    xs = [float(p.split(",")[0]) for p in loss.get("points").split()]
+    values = [m["loss"] for m in metrics]
+    assert xs == sorted(xs) and len(ys) == len(values)
+    for a, b in [(0, len(values) - 1), (0, len(values) // 2)]:  # page y grows downwards
+        assert (ys[a] < ys[b]) == (values[a] > values[b])
+    texts = [t.text for t in svg.iter(ns + "text")]
+    assert "loss" in texts and "step" in texts and any(t == "0" for t in texts)
+
+
+def test_nice_ticks_by_hand():
+    assert sft.nice_ticks(0, 7) == [0, 2, 4, 6, 8]
+    assert sft.nice_ticks(0.001, 0.0049) == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert sft.nice_ticks(3, 3) == [1, 2, 3, 4, 5]  # a flat series still gets an axis
