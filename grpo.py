@@ -3,19 +3,19 @@
     torchrun --nproc_per_node 8 grpo.py --model runs/sft/final --group-size 8       # the paper's run
     python grpo.py --model runs/sft/final --data toy --out runs/grpo   # the toy sums on a CPU (a preset), ~1 min
 
-One step, in reading order (each a function below):
-    1. rollouts          every rank samples `group_size` answers for its share of the prompts (generate.py),
-                         from an unsharded inference copy of the policy
-    2. rewards           rewards.py: 1 if the answer inside <answer> tags is right, else 0 (multiple choice for
-                         rows with options)
-    3. group_advantages  A = (r - mean(r)) / (std(r) + eps) within each prompt's group (eq. 1)
-    4. log-probs         of the sampled tokens under the frozen reference, and under the policy before the update
-                         (old) when there are several PPO mini-batches; with one, the update's own are the old
-    5. policy_loss       clipped surrogate with clip-higher (eps_low 0.2 from B.2; eps_high 0.28, DAPO's value: the
-                         paper gives none) and verl's dual-clip + beta * k3 KL, summed over sampled response
-                         tokens and divided by their number across all ranks
-    6. update            AdamW over `ppo_mini_batches` mini-batches, gradient accumulation over micro-batches
-    7. refresh           copy the new weights into the inference copy
+One step, in reading order (each a function below, then main() runs them):
+    1. rollouts                    every rank samples `group_size` answers for its share of the prompts
+                                   (generate.py), from an unsharded inference copy of the policy
+    2. score                       rewards.py: 1 if the answer inside <answer> tags is right, else 0
+                                   (multiple choice for rows with options)
+    3. group_advantages            A = (r - mean(r)) / (std(r) + eps) within each prompt's group (eq. 1)
+    4. reference_and_old_logprobs  log-probs of the sampled tokens under the frozen reference, and under the
+                                   policy before the update when there are several PPO mini-batches
+    5. policy_loss                 eq. 2: clipped surrogate with clip-higher (eps_low 0.2 from B.2; eps_high
+                                   0.28, DAPO's value: the paper gives none) and verl's dual-clip, + beta * k3
+                                   KL, summed over sampled tokens and divided by their number on all ranks
+    6. update                      AdamW over `ppo_mini_batches` mini-batches of micro-batches
+    7. refresh_inference_copy      the new weights into the inference copy
 
 Memory (bench/bench_memory.py, 7B, 8 ranks, B.2's settings): rollouts come from an unsharded bf16 inference copy
 (15.4 GiB, filled from the policy's shards after every update) with a KV cache of up to 64 x 4,608 tokens
@@ -28,14 +28,13 @@ copies per step.
 Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine, no
 tensor parallelism); rollouts run in plain PyTorch, not an optimized serving engine.
 """
-import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import data
 import generate
@@ -88,64 +87,74 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# The method
+# ====================================================================================================
+# The method: one GRPO step, in the order it runs
+
+@dataclass
+class Rollout:
+    """One sampled response, and what the step attaches to it, field by field in the order it is filled."""
+    # rollouts(): the prompt and what the inference copy sampled
+    messages: list           # the chat: appendix C's training prompt around the question
+    answer: str              # the verified answer (an option letter when there are options)
+    options: list            # the options' texts, or None for a math question
+    token_ids: list          # the response, T tokens
+    sampled: list            # per token: 1 if the policy sampled it, 0 if the forced exit wrote it
+    text: str
+    finish_reason: str       # "stop", "length" (cut at --max-new-tokens) or "forced_exit"
+    # main(): its group-relative advantage (eq. 1)
+    advantage: float = 0.0
+    # reference_and_old_logprobs(): per-token log-probs, (T,), or None when not needed
+    ref_logp: torch.Tensor = None
+    old_logp: torch.Tensor = None
+    # sequence_batch(): the prompt's encoding, kept for the next pass over this row
+    encoding: dict = None
+
+
+def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_new_tokens, think_budget,
+             answer_budget, gen_batch, progress=False):
+    """`group_size` responses to each prompt, consecutive, so a group is rows [g * group_size, (g+1) * group_size).
+    One seed per (prompt, sample): the same rollouts on 1 GPU or 64."""
+    chats = [p["messages"] for p in prompts for _ in range(group_size)]
+    seeds = [s * group_size + k for s in seeds for k in range(group_size)]
+    completions = generate.generate(infer, processor, chats, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    think_budget=think_budget, answer_budget=answer_budget, batch_size=gen_batch,
+                                    seed=seeds, progress=progress)
+    return [Rollout(p["messages"], p["answer"], p["options"], c.token_ids, c.sampled, c.text, c.finish_reason)
+            for p, c in zip([p for p in prompts for _ in range(group_size)], completions)]
+
+
+def score(rows, processes):
+    """The 1/0 rewards (§2.2), (N,). The training prompt (appendix C) asks for the answer inside <answer> tags, so
+    a response without them has given no answer and earns 0, however right its last number (evaluation, like the
+    benchmarks' own parsers, stays lenient)."""
+    return torch.tensor(rewards.batch_rewards([r.text for r in rows], [r.answer for r in rows],
+                                              [r.options for r in rows], processes=processes, require_tags=True))
+
 
 def group_advantages(rewards_, eps=1e-6, scale=True):
     """Eq. (1): each response's reward relative to its group. rewards_: (prompts, group_size)."""
-    centered = rewards_ - rewards_.mean(dim=1, keepdim=True)
+    centered = rewards_ - rewards_.mean(dim=1, keepdim=True)                                # (G, group_size)
     return centered / (rewards_.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28, beta=0.01,
-                dual_clip=3.0):
-    """The GRPO objective (eq. 2), negated for gradient descent, aggregated over tokens (not sequences).
-
-    logp/old_logp/ref_logp/mask: (B, T) per response token (mask: 1 for tokens the policy sampled); advantages:
-    (B,); n_tokens: masked tokens in the whole mini-batch on all ranks, so every token weighs the same whatever
-    its sequence's length. The clamps are verl's numerical guards; they bind only far off-policy.
-    """
-    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
-    adv = advantages[:, None]
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # clip-higher (§2.2)
-    per_token = -surrogate
-    if dual_clip:  # dual-clip PPO (Ye et al. 2020): a negative advantage cannot push a token's loss above c|A|
-        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
-    kl = torch.zeros_like(logp)
-    if beta:
-        log_r = torch.clamp(ref_logp - logp, -20.0, 20.0)
-        kl = torch.clamp(torch.exp(log_r) - log_r - 1, max=10.0)  # k3 estimator of KL(policy || reference), >= 0
-        per_token = per_token + beta * kl
-    loss = (per_token * mask).sum() / n_tokens
-    with torch.no_grad():  # 0-d tensors: summing them needs no device sync per micro-batch
-        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-        stats = {"kl": (kl * mask).sum(), "clipped": (clipped.float() * mask).sum(),
-                 "ratio_dev": ((ratio - 1).abs() * mask).amax()}
-    return loss, stats
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sequences and log-probabilities
-
 def sequence_batch(processor, rows, device):
-    """Prompt + response token batches laid out as in generation: prompts left-padded to end at one column,
-    responses right-padded after it. Returns model inputs, the response tokens and their mask."""
-    for r in rows:  # each row is laid out twice per step (old/ref log-probs, update): encode its prompt once
-        if "encoding" not in r:
-            r["encoding"] = generate.encode(processor, r["messages"])
-    batch = generate.collate([r["encoding"] for r in rows], processor.tokenizer.pad_token_id)
-    width = max(len(r["token_ids"]) for r in rows)
-    response = torch.full((len(rows), width), processor.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width)
+    """Prompt + response laid out as in generation: prompts left-padded to end at one column P, responses
+    right-padded after it. Returns the model inputs, the responses (B, T) and the loss mask (B, T): 1 for the
+    tokens the policy sampled, 0 for padding and for the '</think>' a forced exit wrote."""
+    for r in rows:  # each row passes through here twice a step (log-probs, update): encode its prompt once
+        r.encoding = r.encoding or generate.encode(processor, r.messages)
+    pad = processor.tokenizer.pad_token_id
+    batch = generate.collate([r.encoding for r in rows], pad)                             # (B, P) each
+    T = max(len(r.token_ids) for r in rows)
+    response = torch.full((len(rows), T), pad, dtype=torch.long)                          # (B, T)
+    present, sampled = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T)
     for i, r in enumerate(rows):
-        response[i, :len(r["token_ids"])] = torch.tensor(r["token_ids"], dtype=torch.long)
-        mask[i, :len(r["token_ids"])] = 1
-    batch["input_ids"] = torch.cat([batch["input_ids"], response], dim=1)
-    batch["attention_mask"] = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+        response[i, :len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
+        present[i, :len(r.token_ids)] = 1
+        sampled[i, :len(r.token_ids)] = torch.tensor(r.sampled or [1] * len(r.token_ids), dtype=torch.float)
+    batch["input_ids"] = torch.cat([batch["input_ids"], response], dim=1)                  # (B, P + T)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], present], dim=1)
     batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
-    sampled = torch.zeros_like(mask)  # the loss skips the "</think>" a forced exit wrote: the policy never chose it
-    for i, r in enumerate(rows):
-        sampled[i, :len(r["token_ids"])] = torch.tensor(r.get("sampled") or [1] * len(r["token_ids"]))
     return {k: v.to(device) for k, v in batch.items()}, response.to(device), sampled.to(device)
 
 
@@ -159,133 +168,84 @@ def token_logprobs(model, batch, response, temperature=1.0, chunk=1024):
     positions, _ = generate.rope_positions(model, batch)  # explicit: never the model's cached rope_deltas
     B, T = response.shape
     hidden = sft.last_hidden(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=positions, **generate.vision_inputs(batch))  # (B, P + T, H)
+                             position_ids=positions, **generate.vision_inputs(batch))      # (B, P + T, H)
     # Prompts are left-padded to end at one column, so the last T + 1 columns are [last prompt token, response]:
     # column P - 1 + t predicts response token t, for every row alike.
-    h = hidden[:, -T - 1:-1].reshape(B * T, -1)                # (B*T, H)
-    y = response.reshape(-1)                                   # (B*T,)
+    h = hidden[:, -T - 1:-1].reshape(B * T, -1)                                             # (B*T, H)
+    y = response.reshape(-1)                                                                # (B*T,)
 
-    def logp_and_entropy(logits, s):                           # logits: (chunk, vocab), float32
+    def logp_and_entropy(logits, s):                                                        # (chunk, vocab)
         lp = torch.log_softmax(logits / temperature, dim=-1)
-        return lp.gather(-1, y[s, None])[:, 0], -(lp.exp() * lp).sum(-1).detach()
+        return lp.gather(-1, y[s, None])[:, 0], -(lp.exp() * lp).sum(-1).detach()          # (chunk,) each
     parts = sft.head_chunks(model, h, logp_and_entropy, chunk)
     return torch.cat([p[0] for p in parts]).view(B, T), torch.cat([p[1] for p in parts]).view(B, T)
 
 
 @torch.no_grad()
-def refresh_inference_copy(policy, copy):
-    """Copy the trained (possibly FSDP-sharded) weights into the unsharded model that generates rollouts.
-    One parameter at a time, so the all-gather never holds more than one full tensor (collective)."""
-    copies = dict(copy.named_parameters()) | dict(copy.named_buffers())
-    for name, p in [*policy.named_parameters(), *policy.named_buffers()]:  # buffers: rotary inv_freq, unsharded
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        copies[name].copy_(full.to(copies[name].dtype))
-
-
-def offload(tensors, host="cpu"):
-    """Copy the bytes behind `tensors` to host memory and free them on the device (resize the storage to 0). The
-    tensor objects stay, so FSDP and the optimizer keep their references; reload() refills the same storages."""
-    saved, seen = [], set()
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        storage = local.untyped_storage()
-        if storage._cdata in seen or storage.nbytes() == 0 or not storage.resizable():
-            continue  # not resizable: e.g. CPU weights still mapped from the checkpoint file (nothing to gain)
-        seen.add(storage._cdata)
-        saved.append((storage, torch.empty(0, dtype=torch.uint8, device=local.device).set_(storage).to(host, copy=True)))
-        storage.resize_(0)
-    return saved
-
-
-def optimizer_state(optimizer):
-    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
-
-
-def reload(saved):
-    """Inverse of offload(): the bytes back into the same device storages."""
-    for storage, host in saved:
-        storage.resize_(host.numel())
-        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)
-
-
-def inference_copy(policy, name, dtype, device):
-    """An unsharded copy of the policy for rollouts, built empty and filled from the policy's shards (no second
-    read of the checkpoint from disk)."""
-    with torch.device("meta"):
-        copy = data.model_from_config(name, dtype)
-    copy.to_empty(device=device)
-    refresh_inference_copy(policy, copy)
-    return copy.eval()
-
-
-# ----------------------------------------------------------------------------------------------------
-# One step
-
-def rollouts(infer, processor, prompts, args, seeds, progress=False):
-    """group_size samples of each prompt; rows keep the prompt, the completion and which group it belongs to."""
-    expanded = [(g, p) for g, p in enumerate(prompts) for _ in range(args.group_size)]
-    seeds = [s * args.group_size + k for s in seeds for k in range(args.group_size)]
-    completions = generate.generate(infer, processor, [p["messages"] for _, p in expanded],
-                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    think_budget=args.think_budget, answer_budget=args.answer_budget,
-                                    batch_size=args.gen_batch, seed=seeds, progress=progress)
-    return [{"group": g, "messages": p["messages"], "answer": p["answer"], "options": p["options"],
-             "token_ids": c.token_ids, "sampled": c.sampled, "text": c.text, "finish_reason": c.finish_reason}
-            for (g, p), c in zip(expanded, completions)]
-
-
-def score(rows, args):
-    # The training prompt (appendix C) asks for the answer inside <answer> tags: a response without them has
-    # given no answer and earns 0, however right its last number (require_tags; evaluation stays lenient).
-    return torch.tensor(rewards.batch_rewards([r["text"] for r in rows], [r["answer"] for r in rows],
-                                              [r["options"] for r in rows], processes=args.reward_processes,
-                                              require_tags=True))
-
-
-@torch.no_grad()
-def old_and_ref_logprobs(policy, reference, processor, rows, args, device):
-    """Log-probs before the update (old) and under the frozen reference. With one PPO mini-batch the update's
-    own first forward is on-policy, so `update` takes old = its log-probs, detached, and this pass is skipped."""
-    need_old = args.ppo_mini_batches > 1
+def reference_and_old_logprobs(policy, reference, processor, rows, *, micro_batch, temperature, need_old, device):
+    """Each row's log-probs under the frozen reference (for the KL) and, with several PPO mini-batches, under the
+    policy before any update (the 'old' of the ratio). With one mini-batch the update's own first forward is
+    on-policy, so update() takes its log-probs, detached, as the old ones and this pass spends nothing on them."""
     if not need_old and reference is None:
         return
-    for k in range(0, len(rows), args.micro_batch):
-        mb = rows[k:k + args.micro_batch]
+    for k in range(0, len(rows), micro_batch):
+        mb = rows[k:k + micro_batch]
         batch, response, _ = sequence_batch(processor, mb, device)
-        old = token_logprobs(policy, batch, response, args.temperature)[0] if need_old else None
-        ref = token_logprobs(reference, batch, response, args.temperature)[0] if reference is not None else None
+        old = token_logprobs(policy, batch, response, temperature)[0] if need_old else None            # (B, T)
+        ref = token_logprobs(reference, batch, response, temperature)[0] if reference is not None else None
         for i, r in enumerate(mb):
-            n = len(r["token_ids"])
-            r["old_logp"] = old[i, :n].cpu() if old is not None else None
-            r["ref_logp"] = ref[i, :n].cpu() if ref is not None else None
+            n = len(r.token_ids)
+            r.old_logp = old[i, :n].cpu() if old is not None else None
+            r.ref_logp = ref[i, :n].cpu() if ref is not None else None
 
 
-def pad_rows(values, width, device):
-    out = torch.zeros(len(values), width, device=device)
-    for i, v in enumerate(values):
-        out[i, :len(v)] = v.to(device)
-    return out
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, n_tokens, eps_low=0.2, eps_high=0.28, beta=0.01,
+                dual_clip=3.0):
+    """The GRPO objective (eq. 2), negated for gradient descent, aggregated over tokens (not sequences).
+
+    logp/old_logp/ref_logp/mask: (B, T) per response token (mask: 1 for tokens the policy sampled); advantages:
+    (B,); n_tokens: masked tokens in the whole mini-batch on all ranks, so every token weighs the same whatever
+    its sequence's length. The clamps are verl's numerical guards; they bind only far off-policy.
+    """
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))                            # (B, T)
+    adv = advantages[:, None]                                                               # (B, 1)
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)  # clip-higher (§2.2)
+    per_token = -surrogate                                                                  # (B, T)
+    if dual_clip:  # dual-clip PPO (Ye et al. 2020): a negative advantage cannot push a token's loss above c|A|
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
+    kl = torch.zeros_like(logp)
+    if beta:  # k3, Schulman's unbiased low-variance estimator of KL(policy || reference): r - log r - 1 >= 0
+        log_r = torch.clamp(ref_logp - logp, -20.0, 20.0)
+        kl = torch.clamp(torch.exp(log_r) - log_r - 1, max=10.0)                            # (B, T)
+        per_token = per_token + beta * kl
+    loss = (per_token * mask).sum() / n_tokens                                              # scalar
+    with torch.no_grad():  # 0-d tensors: summing them needs no device sync per micro-batch
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"kl": (kl * mask).sum(), "clipped": (clipped.float() * mask).sum(),
+                 "ratio_dev": ((ratio - 1).abs() * mask).amax()}
+    return loss, stats
 
 
-def update(policy, optimizer, trainable, processor, rows, args, world, device):
-    """Steps 5-6: the loss over `ppo_mini_batches` mini-batches, each one optimizer step."""
+def update(policy, optimizer, processor, rows, *, micro_batch, mini_batches, temperature, eps_low, eps_high,
+           beta, dual_clip, grad_clip, world, device):
+    """Steps 5-6: policy_loss over `mini_batches` mini-batches (each one AdamW step) of micro-batches (each one
+    forward and backward, gradients reduce-scattered at once). Returns the sums the metrics are made of."""
     stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0,
              "ratio_dev": 0.0}
-    size = -(-len(rows) // args.ppo_mini_batches)
+    size = -(-len(rows) // mini_batches)
     for m in range(0, len(rows), size):
         mini = rows[m:m + size]
-        n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(sum(r.get("sampled") or [1] * len(r["token_ids"]))
-                                                             for r in mini)), device=device))
-        micro = [mini[k:k + args.micro_batch] for k in range(0, len(mini), args.micro_batch)]
-        for mb in micro:  # gradients reduce-scattered every micro-batch (see sft.py: no unsharded accumulation)
+        n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(sum(r.sampled or [1] * len(r.token_ids)) for r in mini)),
+                                                   device=device))  # sampled tokens in the mini-batch, all ranks
+        for k in range(0, len(mini), micro_batch):
+            mb = mini[k:k + micro_batch]
             batch, response, mask = sequence_batch(processor, mb, device)
-            logp, entropy = token_logprobs(policy, batch, response, args.temperature)
-            width = response.shape[1]
-            # one mini-batch: this forward is on-policy, so the old log-probs are these, detached (ratio = 1)
-            old = logp.detach() if mb[0].get("old_logp") is None else pad_rows([r["old_logp"] for r in mb], width, device)
-            ref = pad_rows([r["ref_logp"] for r in mb], width, device) if args.beta else logp.detach()
-            loss, s = policy_loss(logp, old, ref, torch.tensor([r["advantage"] for r in mb], device=device), mask,
-                                  n_tokens, args.eps_low, args.eps_high, args.beta, args.dual_clip)
+            logp, entropy = token_logprobs(policy, batch, response, temperature)                     # (B, T)
+            T = response.shape[1]
+            old = logp.detach() if mb[0].old_logp is None else pad_rows([r.old_logp for r in mb], T, device)
+            ref = pad_rows([r.ref_logp for r in mb], T, device) if beta else logp.detach()
+            loss, s = policy_loss(logp, old, ref, torch.tensor([r.advantage for r in mb], device=device), mask,
+                                  n_tokens, eps_low, eps_high, beta, dual_clip)
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
             stats["loss"] += loss.item()
             stats["kl"] += s["kl"].item()
@@ -293,14 +253,58 @@ def update(policy, optimizer, trainable, processor, rows, args, world, device):
             stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"].item())
             stats["entropy"] += (entropy * mask).sum().item()
             stats["tokens"] += mask.sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        stats["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        stats["grad_norm"] = sft.clip_grad_norm([p for p in policy.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
 
 
-# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def refresh_inference_copy(policy, copy):
+    """Step 7: the trained (possibly FSDP-sharded) weights into the unsharded model that generates rollouts. One
+    tensor at a time, so the all-gather never holds more than one full tensor (collective: every rank calls it)."""
+    copies = dict(copy.named_parameters()) | dict(copy.named_buffers())
+    for name, p in [*policy.named_parameters(), *policy.named_buffers()]:  # buffers: rotary inv_freq, unsharded
+        copies[name].copy_(sft.full_tensor(p).to(copies[name].dtype))
+
+
+def step_metrics(rows, rewards_, advantages, stats, group_size, device):
+    """One step's numbers for metrics.jsonl, each formula beside its name, every sum taken over all ranks.
+
+    Figure 5 of the paper plots: reward ("training reward"), loss ("policy gradient loss"), advantage ("mean
+    advantage"), response_len ("mean training response length") and truncated ("training response clip ratio":
+    the share of responses cut at --max-new-tokens). Also here: response_len_max; flat_groups, the share of groups
+    whose rewards are all equal (no gradient); forced_exit, the share the forced exit ended (§2.1); tagged, the
+    share with an <answer>...</answer>; kl (k3) and entropy per sampled token; ppo_clipped, PPO's clip fraction,
+    the share of tokens whose ratio was clipped; ratio_dev, the largest |ratio - 1| (0 on-policy); grad_norm.
+    """
+    lengths = [len(r.token_ids) for r in rows]
+    total = sft.all_reduce_dict({
+        "responses": len(rows), "reward": rewards_.sum().item(), "advantage": advantages.sum().item(),
+        "groups": len(rows) // group_size, "flat_groups": (rewards_.view(-1, group_size).std(1) == 0).sum().item(),
+        "response_tokens": sum(lengths), "truncated": sum(r.finish_reason == "length" for r in rows),
+        "forced_exit": sum(r.finish_reason == "forced_exit" for r in rows),
+        "tagged": sum(rewards.extract_answer(r.text, require_tags=True) is not None for r in rows),
+        "kl": stats["kl"], "ppo_clipped": stats["clipped"], "entropy": stats["entropy"],
+        "loss_tokens": stats["tokens"], "loss": stats["loss"]}, device)
+    largest = sft.all_reduce_dict({"response_len_max": max(lengths), "ratio_dev": stats["ratio_dev"]}, device, "max")
+    per_response, per_token = total["responses"], max(total["loss_tokens"], 1)
+    return {"reward": total["reward"] / per_response, "advantage": total["advantage"] / per_response,
+            "loss": total["loss"], "response_len": total["response_tokens"] / per_response,
+            "response_len_max": largest["response_len_max"], "truncated": total["truncated"] / per_response,
+            "forced_exit": total["forced_exit"] / per_response, "tagged": total["tagged"] / per_response,
+            "flat_groups": total["flat_groups"] / total["groups"], "kl": total["kl"] / per_token,
+            "ppo_clipped": total["ppo_clipped"] / per_token, "entropy": total["entropy"] / per_token,
+            "ratio_dev": largest["ratio_dev"], "grad_norm": stats["grad_norm"]}
+
+
+# ====================================================================================================
+# The loop
+
+CURVES = [("reward", ["reward"]), ("response length (tokens)", ["response_len", "response_len_max"]), ("KL", ["kl"]),
+          ("entropy", ["entropy"]), ("truncated share", ["truncated"]), ("forced-exit share", ["forced_exit"]),
+          ("PPO clip fraction", ["ppo_clipped"]), ("tagged answers", ["tagged"])]
+
 
 def main(argv=None):
     args = parse_args(argv)
@@ -317,9 +321,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     prompts = data.load_rl_data(args.data)
     if len(prompts) < args.prompts_per_step:
-        raise data.DataError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {args.prompts_per_step}")
+        raise data.DataError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step "
+                             f"{args.prompts_per_step}")
     if preset and rank == 0:
         print(preset, file=sys.stderr)
+
     processor = data.load_processor(args.model)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     # fp32 master weights, sharded, with activation checkpointing on GPU (4,096-token responses)
@@ -328,20 +334,16 @@ def main(argv=None):
     if args.beta:  # frozen, so its shards need no fp32 master copy
         reference = sft.load_sharded(args.model, device, dtype=compute).eval().requires_grad_(False)
     infer = inference_copy(policy, args.model, compute, device)  # unsharded, for rollouts
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)  # an epoch: one pass over the prompts
     total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
     warmup = max(1, int(args.warmup * total))
     state = sft.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
     if args.resume:
         refresh_inference_copy(policy, infer)
     sft.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
-    metrics = sft.Metrics(args.out, rank, [
-        ("reward", ["reward"]), ("response length (tokens)", ["response_len", "response_len_max"]), ("KL", ["kl"]),
-        ("entropy", ["entropy"]), ("truncated share", ["clip_ratio"]), ("forced-exit share", ["forced_exit"]),
-        ("PPO clip fraction", ["policy_clipped"]), ("tagged answers", ["tagged"])], f"grpo.py --out {args.out}")
-    preempt = sft.Preemption(device)
+    metrics, preempt = sft.Metrics(args.out, rank, CURVES, f"grpo.py --out {args.out}"), sft.Preemption(device)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
     step = state["step"]
@@ -349,53 +351,47 @@ def main(argv=None):
         epoch, index = divmod(step, steps_per_epoch)
         order = list(range(len(prompts)))
         random.Random(args.seed * 1000 + epoch).shuffle(order)
-        chosen = order[index * args.prompts_per_step:(index + 1) * args.prompts_per_step]
-        mine = generate.shard(chosen, rank, world)
-        lr = args.lr * min(1.0, (step + 1) / warmup)  # linear warm-up over the first 10% of steps
+        mine = generate.shard(order[index * args.prompts_per_step:(index + 1) * args.prompts_per_step], rank, world)
+        lr = args.lr * min(1.0, (step + 1) / warmup)  # B.2: linear warm-up over the first 10% of steps
         for group in optimizer.param_groups:
             group["lr"] = lr
-        times = {}
-        t = time.perf_counter()
-        # Seeds follow (step, prompt), not the rank: the same rollouts on 1 GPU or 64.
-        seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
-        # --offload: while the inference copy generates, the training state waits in host memory, and the
-        # other way round during the update, so each phase has the GPU to itself (40 GB cards)
+        clock = sft.Stopwatch()
+
+        # 1. rollouts. Seeds follow (step, prompt), not the rank. With --offload the training state waits in host
+        # memory while the inference copy generates, and the other way round during the update (40 GB cards).
         parked = offload([*policy.parameters(), *optimizer_state(optimizer),
                           *(reference.parameters() if reference is not None else [])]) if args.offload else []
-        rows = rollouts(infer, processor, [prompts[i] for i in mine], args, seeds, progress=rank == 0)
+        seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
+        rows = rollouts(infer, processor, [prompts[i] for i in mine], seeds, group_size=args.group_size,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                        think_budget=args.think_budget, answer_budget=args.answer_budget, gen_batch=args.gen_batch,
+                        progress=rank == 0)
         reload(parked)
         parked = offload(infer.parameters()) if args.offload else []
-        times["generate"], t = time.perf_counter() - t, time.perf_counter()
-        r = score(rows, args)
-        times["reward"], t = time.perf_counter() - t, time.perf_counter()
-        adv = group_advantages(r.view(-1, args.group_size), scale=not args.no_std).view(-1)
-        for row, a in zip(rows, adv.tolist()):
-            row["advantage"] = a
-        old_and_ref_logprobs(policy, reference, processor, rows, args, device)
-        times["logprob"], t = time.perf_counter() - t, time.perf_counter()
+        clock.lap("generate")
+        # 2-3. rewards, and each response's advantage within its group
+        r = score(rows, args.reward_processes)                                                  # (N,)
+        clock.lap("reward")
+        advantages = group_advantages(r.view(-1, args.group_size), scale=not args.no_std).view(-1)  # (N,)
+        for row, a in zip(rows, advantages.tolist()):
+            row.advantage = a
+        # 4. log-probs under the reference (and the old policy, with several PPO mini-batches)
+        reference_and_old_logprobs(policy, reference, processor, rows, micro_batch=args.micro_batch,
+                                   temperature=args.temperature, need_old=args.ppo_mini_batches > 1, device=device)
+        clock.lap("logprob")
+        # 5-6. the loss and the update; 7. the new weights into the inference copy
         policy.train()
-        s = update(policy, optimizer, trainable, processor, rows, args, world, device)
+        stats = update(policy, optimizer, processor, rows, micro_batch=args.micro_batch,
+                       mini_batches=args.ppo_mini_batches, temperature=args.temperature, eps_low=args.eps_low,
+                       eps_high=args.eps_high, beta=args.beta, dual_clip=args.dual_clip, grad_clip=args.grad_clip,
+                       world=world, device=device)
         reload(parked)
         refresh_inference_copy(policy, infer)
-        times["update"] = time.perf_counter() - t
+        clock.lap("update")
+
         step += 1
-        lengths = torch.tensor([float(len(x["token_ids"])) for x in rows])
-        sums = sft.all_reduce_sum(torch.tensor([
-            r.sum().item(), len(rows), float((r.view(-1, args.group_size).std(1) == 0).sum()), r.numel() // args.group_size,
-            lengths.sum().item(), sum(x["finish_reason"] == "length" for x in rows),
-            sum(x["finish_reason"] == "forced_exit" for x in rows), s["kl"], s["clipped"], s["entropy"], s["tokens"],
-            s["loss"], sum(rewards.extract_answer(x["text"], require_tags=True) is not None for x in rows)],
-            dtype=torch.float64, device=device))
-        max_len = torch.tensor([lengths.max().item()], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(max_len, op=dist.ReduceOp.MAX)
-        row = {"step": step, "epoch": epoch, "reward": sums[0].item() / sums[1].item(),
-               "zero_adv_groups": sums[2].item() / sums[3].item(), "response_len": sums[4].item() / sums[1].item(),
-               "response_len_max": max_len.item(), "clip_ratio": sums[5].item() / sums[1].item(),
-               "forced_exit": sums[6].item() / sums[1].item(), "kl": sums[7].item() / sums[10].item(),
-               "policy_clipped": sums[8].item() / sums[10].item(), "entropy": sums[9].item() / sums[10].item(),
-               "loss": sums[11].item(), "tagged": sums[12].item() / sums[1].item(), "ratio_dev": s["ratio_dev"],
-               "grad_norm": s["grad_norm"], "lr": lr, **{f"sec_{k}": v for k, v in times.items()}}
+        row = {"step": step, "epoch": epoch, **step_metrics(rows, r, advantages, stats, args.group_size, device),
+               "lr": lr, **clock.laps}
         metrics.log(**row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
         bar.update(1)
@@ -404,9 +400,56 @@ def main(argv=None):
             break
     bar.close()
     metrics.draw()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    sft.finish()
     return policy
+
+
+# ====================================================================================================
+# Plumbing: the inference copy, and parking state in host memory
+
+def inference_copy(policy, name, dtype, device):
+    """An unsharded copy of the policy for rollouts, built empty and filled from the policy's shards (no second
+    read of the checkpoint from disk)."""
+    with torch.device("meta"):
+        copy = data.model_from_config(name, dtype)
+    copy.to_empty(device=device)
+    refresh_inference_copy(policy, copy)
+    return copy.eval()
+
+
+def offload(tensors, host="cpu"):
+    """Copy the bytes behind `tensors` to host memory and free them on the device (resize the storage to 0). The
+    tensor objects stay, so FSDP and the optimizer keep their references; reload() refills the same storages."""
+    saved, seen = [], set()
+    for t in tensors:
+        local = sft.local_tensor(t)
+        storage = local.untyped_storage()
+        if storage._cdata in seen or storage.nbytes() == 0 or not storage.resizable():
+            continue  # not resizable: e.g. CPU weights still mapped from the checkpoint file (nothing to gain)
+        seen.add(storage._cdata)
+        as_bytes = torch.empty(0, dtype=torch.uint8, device=local.device).set_(storage)
+        saved.append((storage, as_bytes.to(host, copy=True)))
+        storage.resize_(0)
+    return saved
+
+
+def reload(saved):
+    """Inverse of offload(): the bytes back into the same device storages."""
+    for storage, host in saved:
+        storage.resize_(host.numel())
+        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)
+
+
+def optimizer_state(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+
+
+def pad_rows(values, width, device):
+    """Ragged per-row tensors into one (B, width) tensor, zero-padded."""
+    out = torch.zeros(len(values), width, device=device)
+    for i, v in enumerate(values):
+        out[i, :len(v)] = v.to(device)
+    return out
 
 
 if __name__ == "__main__":

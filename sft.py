@@ -70,8 +70,156 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# Distributed plumbing (shared with grpo.py)
+# ====================================================================================================
+# The method: data order, batches, the loss
+
+def epoch_batches(lengths, global_batch, window, seed, epoch):
+    """Global batches (lists of example indices) for one epoch: a seeded shuffle, then sorting inside windows
+    of `window` global batches so each batch holds similar lengths, then the batch order shuffled again."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = global_batch * window
+    batches = []
+    for start in range(0, len(order) - global_batch + 1, span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [chunk[i:i + global_batch] for i in range(0, len(chunk) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches  # the tail that does not fill a global batch is left out of this epoch
+
+
+def micro_batches(batch, lengths, micro, rank, world):
+    """This rank's micro-batches of one global batch: sorted by length, dealt round-robin across ranks."""
+    ordered = sorted(batch, key=lambda i: lengths[i])
+    chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    return chunks[rank::world]
+
+
+def collate(examples, pad_id, device):
+    """input_ids, labels (-100 where no loss) and attention mask, each (B, L), right-padded to the longest."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)                  # (B, L)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)                 # (B, L)
+    mask = torch.zeros(len(examples), width, dtype=torch.long)                          # (B, L)
+    for i, e in enumerate(examples):  # right padding: training needs no generation column alignment
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.as_tensor(e["input_ids"]), torch.as_tensor(e["labels"]), 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def last_hidden(model, **inputs):
+    """The final (normed) hidden states, (B, T, H), without the model's own B x T x vocab logits."""
+    return model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+
+def head_chunks(model, hidden, fn, chunk=1024):
+    """fn(float32 logits of `chunk` rows of hidden (N, H), chunk index) for every chunk, each under activation
+    checkpointing: neither forward nor backward ever holds more than one chunk's logits (all of them would be
+    4 x 4,096 x 152,064 floats = 10 GB for a 7B micro-batch, and as much again for their gradient)."""
+    from torch.utils.checkpoint import checkpoint
+    return [checkpoint(lambda h, s: fn(model.lm_head(h).float(), s), hidden[s:s + chunk], slice(s, s + chunk),
+                       use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
+
+
+def token_loss_sum(model, ids, labels, mask, chunk=1024):
+    """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count."""
+    hidden = last_hidden(model, input_ids=ids, attention_mask=mask)                     # (B, L, H)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                                    # (B*(L-1), H)
+    y = labels[:, 1:].reshape(-1)                     # (B*(L-1),): position t predicts token t+1; -100: no loss
+    cross_entropy = lambda logits, s: F.cross_entropy(logits, y[s], ignore_index=-100, reduction="sum")  # noqa: E731
+    return sum(head_chunks(model, h, cross_entropy, chunk), hidden.new_zeros((), dtype=torch.float32))
+
+
+# ====================================================================================================
+# The loop
+
+def main(argv=None):
+    launched = time.perf_counter()
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    preset = ""
+    if args.data == "toy":  # the toy task on a CPU in ~20 s: what the README demo and the tests use
+        micro = max(1, 10 // world)
+        preset = data.toy_preset(args, {"global_batch": micro * world, "micro_batch": micro, "epochs": 36,
+                                        "lr": 3e-3, "lr_decay": 1.0, "save_every": 120})
+    check_run_dir(args)
+    data.check_model(args.model)
+    if preset and rank == 0:
+        print(preset, file=sys.stderr)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if args.global_batch % (args.micro_batch * world):
+        raise data.DataError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch "
+                             f"{args.micro_batch} x {world} ranks")
+
+    processor = data.load_processor(args.model)
+    # Tokenized once per machine (local rank 0; the others wait), then mapped from disk by every rank.
+    examples = data.load_sft_data(args.data, processor, args.max_len, build=int(os.environ.get("LOCAL_RANK", 0)) == 0,
+                                  wait=lambda failed: any_rank(failed, device), report=rank == 0)
+    if len(examples) < args.global_batch:
+        raise data.DataError(f"{len(examples)} examples cannot fill one global batch of {args.global_batch}")
+    checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
+    # fp32 master weights, read by rank 0 and scattered as shards; FSDP casts to bf16 for compute on GPU
+    model = load_sharded(args.model, device, args.train_vision, checkpointing)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+
+    steps_per_epoch = len(epoch_batches(examples.lengths, args.global_batch, args.window, args.seed, 0))
+    total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
+    state = load_checkpoint(model, optimizer, args.resume, rank) if args.resume else {"step": 0}
+    start_run(args, "sft", rank, world, state["step"] if args.resume else None)
+    metrics = Metrics(args.out, rank, [("loss", ["loss"]), ("learning rate", ["lr"]), ("tokens/s", ["tokens_per_s"]),
+                                       ("gradient norm", ["grad_norm"])], f"sft.py --out {args.out}")
+    preempt = Preemption(device)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="sft")
+    step = state["step"]
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        batch = epoch_batches(examples.lengths, args.global_batch, args.window, args.seed, epoch)[index]
+        lr = args.lr * args.lr_decay ** epoch  # B.1: x0.8 after each epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # The loss is the mean over every assistant token of the global batch, whatever its split over ranks and
+        # micro-batches. Every rank knows the whole batch, so the token count needs no communication.
+        n_target = sum(examples.n_target[i] for i in batch)
+        start, loss_sum, tokens, padded = time.perf_counter(), 0.0, 0, 0
+        for mb in micro_batches(batch, examples.lengths, args.micro_batch, rank, world):
+            ids, labels, mask = collate([examples[i] for i in mb], processor.tokenizer.pad_token_id, device)  # (B, L)
+            loss = token_loss_sum(model, ids, labels, mask)
+            # FSDP averages gradients over ranks, hence x world; each micro-batch's gradients are reduce-scattered
+            # into the fp32 shards at once (deferring it would keep a full unsharded gradient: 30 GB for the 7B).
+            (loss * world / n_target).backward()
+            loss_sum, tokens, padded = loss_sum + loss.item(), tokens + int(mask.sum()), padded + mask.numel()
+        grad_norm = clip_grad_norm(trainable, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        summed = all_reduce_dict({"loss": loss_sum, "tokens": tokens, "padded": padded}, device)
+        seconds = time.perf_counter() - start
+        row = {"step": step, "epoch": epoch, "loss": summed["loss"] / n_target, "lr": lr, "grad_norm": grad_norm,
+               "tokens": int(summed["tokens"]), "tokens_per_s": summed["tokens"] / seconds,
+               "padding": 1 - summed["tokens"] / summed["padded"]}
+        # a sharded DTensor reports its full size, so this counts the whole model's trainable parameters
+        row["mfu"] = mfu(row["tokens_per_s"] / world, sum(p.numel() for p in trainable), device)
+        if launched:  # the first step of this launch: how long data and model took to get here
+            row["startup_s"], launched = start - launched, None
+        metrics.log(**row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        due = step % (args.save_every or steps_per_epoch) == 0
+        if save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
+            break
+    bar.close()
+    metrics.draw()
+    finish()
+    return model
+
+
+# ====================================================================================================
+# Plumbing, shared with grpo.py: processes and sharding, checkpoints, run directories, metrics and charts
 
 def setup_distributed():
     """(rank, world, device). torchrun sets WORLD_SIZE; plain `python` runs as a world of one."""
@@ -101,6 +249,46 @@ def any_rank(flag, device):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_dict(values, device, op="sum"):
+    """Named numbers summed (or maxed) over ranks in one collective; the names come back with them."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def full_tensor(t):
+    """The whole of a tensor: all-gathered if FSDP sharded it (a DTensor), as is otherwise (collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_tensor(t):
+    """This rank's part of a tensor: its shard if FSDP sharded it, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def clip_grad_norm(params, max_norm):
+    """The global gradient norm, clipped to max_norm (0: measured only), as a float on every rank."""
+    return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))))
+
+
+class Stopwatch:
+    """Seconds per phase of a step, as metrics: laps["sec_generate"] and so on."""
+
+    def __init__(self):
+        self.laps, self.t = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.laps[f"sec_{name}"], self.t = now - self.t, now
+
+
+def finish():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_model(model, device, train_vision=False, checkpointing=False, bf16=None, mesh=None):
@@ -448,162 +636,6 @@ def mfu(tokens_per_s_per_gpu, n_params, device):
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s_per_gpu / peak if peak else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data order: shuffle, group by length within windows, cut into global batches, split across ranks
-
-def epoch_batches(lengths, global_batch, window, seed, epoch):
-    """Global batches (lists of example indices) for one epoch: a seeded shuffle, then sorting inside windows
-    of `window` global batches so each batch holds similar lengths, then the batch order shuffled again."""
-    rng = random.Random(seed * 1000 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    span = global_batch * window
-    batches = []
-    for start in range(0, len(order) - global_batch + 1, span):
-        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
-        batches += [chunk[i:i + global_batch] for i in range(0, len(chunk) - global_batch + 1, global_batch)]
-    rng.shuffle(batches)
-    return batches  # the tail that does not fill a global batch is left out of this epoch
-
-
-def micro_batches(batch, lengths, micro, rank, world):
-    """This rank's micro-batches of one global batch: sorted by length, dealt round-robin across ranks."""
-    ordered = sorted(batch, key=lambda i: lengths[i])
-    chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
-    return chunks[rank::world]
-
-
-def collate(examples, pad_id, device):
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(examples), width, dtype=torch.long)
-    for i, e in enumerate(examples):  # right padding: training needs no generation column alignment
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.as_tensor(e["input_ids"]), torch.as_tensor(e["labels"]), 1
-    return ids.to(device), labels.to(device), mask.to(device)
-
-
-def last_hidden(model, **inputs):
-    """The final (normed) hidden states, (B, T, H), without the model's own B x T x vocab logits."""
-    return model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False).hidden_states[-1]
-
-
-def head_chunks(model, hidden, fn, chunk=1024):
-    """fn(float32 logits of `chunk` rows of hidden (N, H), chunk index) for every chunk, each under activation
-    checkpointing: neither forward nor backward ever holds more than one chunk's logits (all of them would be
-    4 x 4,096 x 152,064 floats = 10 GB for a 7B micro-batch, and as much again for their gradient)."""
-    from torch.utils.checkpoint import checkpoint
-    return [checkpoint(lambda h, s: fn(model.lm_head(h).float(), s), hidden[s:s + chunk], slice(s, s + chunk),
-                       use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
-
-
-def token_loss_sum(model, ids, labels, mask, chunk=1024):
-    """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count."""
-    hidden = last_hidden(model, input_ids=ids, attention_mask=mask)  # (B, T, H)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                   # (B*(T-1), H): position t predicts t+1
-    y = labels[:, 1:].reshape(-1)                                      # (B*(T-1),), -100 outside the reply
-    return sum(head_chunks(model, h, lambda logits, s: F.cross_entropy(logits, y[s], ignore_index=-100,
-                                                                       reduction="sum"), chunk),
-               hidden.new_zeros((), dtype=torch.float32))
-
-
-# ----------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    launched = time.perf_counter()
-    args = parse_args(argv)
-    rank, world, device = setup_distributed()
-    preset = ""
-    if args.data == "toy":  # the toy task on a CPU in ~20 s: what the README demo and the tests use
-        micro = max(1, 10 // world)
-        preset = data.toy_preset(args, {"global_batch": micro * world, "micro_batch": micro, "epochs": 36,
-                                        "lr": 3e-3, "lr_decay": 1.0, "save_every": 120})
-    check_run_dir(args)
-    data.check_model(args.model)
-    if preset and rank == 0:
-        print(preset, file=sys.stderr)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    micro_per_step = args.global_batch // args.micro_batch
-    if args.global_batch % (args.micro_batch * world):
-        raise data.DataError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch "
-                             f"{args.micro_batch} x {world} ranks")
-
-    processor = data.load_processor(args.model)
-    # Tokenized once per machine (local rank 0; the others wait), then mapped from disk by every rank.
-    examples = data.load_sft_data(args.data, processor, args.max_len, build=int(os.environ.get("LOCAL_RANK", 0)) == 0,
-                                  wait=lambda failed: any_rank(failed, device), report=rank == 0)
-    if len(examples) < args.global_batch:
-        raise data.DataError(f"{len(examples)} examples cannot fill one global batch of {args.global_batch}")
-    lengths = examples.lengths
-    checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
-    # fp32 master weights, read by rank 0 and broadcast as shards; FSDP casts to bf16 for compute on GPU
-    model = load_sharded(args.model, device, args.train_vision, checkpointing)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in trainable)  # a sharded DTensor reports its full size
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-
-    steps_per_epoch = len(epoch_batches(lengths, args.global_batch, args.window, args.seed, 0))
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps,
-                                                                                steps_per_epoch * args.epochs)
-    state = {"step": 0}
-    if args.resume:
-        state = load_checkpoint(model, optimizer, args.resume, rank)
-    start_run(args, "sft", rank, world, state["step"] if args.resume else None)
-    metrics = Metrics(args.out, rank, [("loss", ["loss"]), ("learning rate", ["lr"]), ("tokens/s", ["tokens_per_s"]),
-                                       ("gradient norm", ["grad_norm"])], f"sft.py --out {args.out}")
-    preempt = Preemption(device)
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="sft")
-    pad = processor.tokenizer.pad_token_id
-    step = state["step"]
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        batch = epoch_batches(lengths, args.global_batch, args.window, args.seed, epoch)[index]
-        lr = args.lr * args.lr_decay ** epoch  # B.1: x0.8 after each epoch
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Every rank knows the whole global batch, so the normalizer needs no communication.
-        n_target = sum(examples.n_target[i] for i in batch)
-        start, loss_sum, tokens, padded = time.perf_counter(), torch.zeros(1, device=device), 0, 0
-        # Every micro-batch's gradients are reduce-scattered at once into the fp32 shards: skipping the sync
-        # would make FSDP keep a full unsharded gradient (30 GB for the 7B) between micro-batches.
-        for mb in micro_batches(batch, lengths, args.micro_batch, rank, world):
-            ids, labels, mask = collate([examples[i] for i in mb], pad, device)
-            loss = token_loss_sum(model, ids, labels, mask)
-            # Mean over all assistant tokens of the global batch; FSDP averages gradients over ranks, so x world.
-            (loss * world / n_target).backward()
-            loss_sum += loss.detach()
-            tokens += int(mask.sum())
-            padded += mask.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))  # inf: measure only
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        counts = all_reduce_sum(torch.tensor([loss_sum.item(), tokens, padded], dtype=torch.float64, device=device))
-        seconds = time.perf_counter() - start
-        row = {"step": step, "epoch": epoch, "loss": counts[0].item() / n_target, "lr": lr,
-               "grad_norm": grad_norm.item(), "tokens": int(counts[1]), "tokens_per_s": counts[1].item() / seconds,
-               "padding": 1 - counts[1].item() / counts[2].item()}
-        row["mfu"] = mfu(row["tokens_per_s"] / world, n_params, device)
-        if launched:  # the first step of this launch: how long data and model took to get here
-            row["startup_s"], launched = start - launched, None
-        metrics.log(**row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        due = step % (args.save_every or steps_per_epoch) == 0
-        if save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
-            break
-    bar.close()
-    metrics.draw()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return model
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ def rows_for(model, processor, n_tokens=6):
     rows = []
     for k, adv in enumerate([1.0, -1.0]):
         ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in "abcdef"[k:k + n_tokens // 2]] * 2
-        rows.append({**prompt, "token_ids": ids, "text": "", "finish_reason": "length", "advantage": adv})
+        rows.append(grpo.Rollout(prompt["messages"], prompt["answer"], prompt["options"], ids, None, "", "length",
+                                 advantage=adv))
     return rows
 
 
@@ -97,14 +98,33 @@ def args_for(*extra):
     return grpo.parse_args(["--model", "tiny", "--micro-batch", "1", "--lr", "1e-3", *extra])
 
 
+def logprobs(policy, reference, processor, rows, args):
+    grpo.reference_and_old_logprobs(policy, reference, processor, rows, micro_batch=args.micro_batch,
+                                    temperature=args.temperature, need_old=args.ppo_mini_batches > 1,
+                                    device=torch.device("cpu"))
+
+
+def update(policy, optimizer, processor, rows, args):
+    return grpo.update(policy, optimizer, processor, rows, micro_batch=args.micro_batch,
+                       mini_batches=args.ppo_mini_batches, temperature=args.temperature, eps_low=args.eps_low,
+                       eps_high=args.eps_high, beta=args.beta, dual_clip=args.dual_clip, grad_clip=args.grad_clip,
+                       world=1, device=torch.device("cpu"))
+
+
+def rollouts(model, processor, prompts, args, seeds):
+    return grpo.rollouts(model, processor, prompts, seeds, group_size=args.group_size, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens, think_budget=args.think_budget,
+                         answer_budget=args.answer_budget, gen_batch=args.gen_batch)
+
+
 def test_one_update_moves_probability_towards_rewarded_responses(model, processor):
     rows = rows_for(model, processor)
     args = args_for("--beta", "0")
-    grpo.old_and_ref_logprobs(model, None, processor, rows, args, torch.device("cpu"))
+    logprobs(model, None, processor, rows, args)
     before = sequence_logprob(model, processor, rows)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    stats = grpo.update(model, opt, params, processor, rows, args, 1, torch.device("cpu"))
+    stats = update(model, opt, processor, rows, args)
     after = sequence_logprob(model, processor, rows)
     assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3
     # first step, one mini-batch: the ratio is exactly 1, the surrogate is -mean(A) = 0 for equal lengths,
@@ -120,9 +140,9 @@ def test_kl_alone_pulls_the_policy_towards_the_reference(model, processor):
             p.add_(torch.randn(p.shape, generator=g) * 0.02)  # the policy has drifted from the reference
     rows = rows_for(model, processor)
     for r in rows:
-        r["advantage"] = 0.0  # no reward signal: only the KL penalty acts
+        r.advantage = 0.0  # no reward signal: only the KL penalty acts
     args = args_for("--beta", "1.0")
-    grpo.old_and_ref_logprobs(model, reference, processor, rows, args, torch.device("cpu"))
+    logprobs(model, reference, processor, rows, args)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01)
 
@@ -130,11 +150,11 @@ def test_kl_alone_pulls_the_policy_towards_the_reference(model, processor):
         batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
         with torch.no_grad():
             logp, _ = grpo.token_logprobs(model, batch, response)
-        ref = grpo.pad_rows([r["ref_logp"] for r in rows], response.shape[1], torch.device("cpu"))
+        ref = grpo.pad_rows([r.ref_logp for r in rows], response.shape[1], torch.device("cpu"))
         return grpo.policy_loss(logp, logp, ref, torch.zeros(2), mask, mask.sum(), beta=1.0)[1]["kl"]
     kls = [kl()]
     for _ in range(4):
-        grpo.update(model, opt, params, processor, rows, args, 1, torch.device("cpu"))
+        update(model, opt, processor, rows, args)
         kls.append(kl())
     assert kls[0] > 0 and all(b < a for a, b in zip(kls, kls[1:])) and kls[-1] < 0.3 * kls[0], kls
 
@@ -188,8 +208,8 @@ def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
              "16", "--max-steps", "2", "--think-budget", "8", "--answer-budget", "4", "--out", str(tmp_path)], 1)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    keys = {"reward", "zero_adv_groups", "response_len", "response_len_max", "clip_ratio", "forced_exit", "kl",
-            "policy_clipped", "entropy", "grad_norm", "lr", "loss", "sec_generate", "sec_reward", "sec_logprob",
+    keys = {"reward", "flat_groups", "response_len", "response_len_max", "truncated", "forced_exit", "kl",
+            "ppo_clipped", "entropy", "grad_norm", "lr", "loss", "sec_generate", "sec_reward", "sec_logprob",
             "sec_update"}
     assert keys <= rows[0].keys()
     assert rows[0]["forced_exit"] > 0  # budget 8 < the SFT'd model's ~20-token thought
@@ -197,8 +217,8 @@ def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
     import xml.etree.ElementTree as ET  # the paper's curves, drawn: one line per metric, its values attached
     lines = {p.get("data-label"): p for p in ET.parse(str(tmp_path / "curves.svg")).getroot().iter(
         "{http://www.w3.org/2000/svg}polyline")}
-    assert set(lines) == {"reward", "response_len", "response_len_max", "kl", "entropy", "clip_ratio", "forced_exit",
-                          "policy_clipped", "tagged"}
+    assert set(lines) == {"reward", "response_len", "response_len_max", "kl", "entropy", "truncated", "forced_exit",
+                          "ppo_clipped", "tagged"}
     assert [float(v) for v in lines["reward"].get("data-y").split(",")] == [r["reward"] for r in rows]
 
 
@@ -243,22 +263,22 @@ def test_logprobs_are_those_of_the_sampling_distribution(sft_tiny):
     path, _ = sft_tiny
     model, processor = data.load_model(path).eval(), data.load_processor(path)
     prompts = data.load_rl_data("toy")[:2]
-    rows = grpo.rollouts(model, processor, prompts, args_for("--group-size", "2", "--temperature", "0.7",
-                                                             "--max-new-tokens", "12"), seeds=[1, 2])
+    rows = rollouts(model, processor, prompts, args_for("--group-size", "2", "--temperature", "0.7",
+                                                        "--max-new-tokens", "12"), seeds=[1, 2])
     batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
     with torch.no_grad():
         logp, _ = grpo.token_logprobs(model, batch, response, temperature=0.7)
-        prompt = generate.encode(processor, rows[0]["messages"])["input_ids"][0].tolist()
-        ids = rows[0]["token_ids"]
+        prompt = generate.encode(processor, rows[0].messages)["input_ids"][0].tolist()
+        ids = rows[0].token_ids
         for t in range(len(ids)):
             logits = model(input_ids=torch.tensor([prompt + ids[:t]])).logits[0, -1]
             assert logp[0, t].item() == pytest.approx(torch.log_softmax(logits / 0.7, -1)[ids[t]].item(), abs=1e-4)
     for r, a in zip(rows, [1.0, -1.0, 0.5, -0.5]):
-        r["advantage"] = a
+        r.advantage = a
     args = args_for("--temperature", "0.7", "--beta", "0", "--micro-batch", "4")
-    grpo.old_and_ref_logprobs(model, None, processor, rows, args, torch.device("cpu"))
+    logprobs(model, None, processor, rows, args)
     params = [p for p in model.parameters() if p.requires_grad]
-    stats = grpo.update(model, torch.optim.AdamW(params, lr=1e-3), params, processor, rows, args, 1, torch.device("cpu"))
+    stats = update(model, torch.optim.AdamW(params, lr=1e-3), processor, rows, args)
     assert stats["ratio_dev"] == 0.0 and stats["clipped"] == 0
 
 
@@ -266,11 +286,10 @@ def test_one_ppo_mini_batch_saves_the_old_logprob_forward(model, processor):
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     rows = rows_for(model, processor)
-    grpo.old_and_ref_logprobs(model, None, processor, rows, args_for("--beta", "0"), torch.device("cpu"))
-    assert calls == [] and all(r.get("old_logp") is None for r in rows)  # no pass at all: nothing to compute
-    grpo.old_and_ref_logprobs(model, None, processor, rows, args_for("--beta", "0", "--ppo-mini-batches", "2"),
-                              torch.device("cpu"))
-    assert len(calls) == 2 and all(r["old_logp"] is not None for r in rows)  # micro-batch 1: one forward a row
+    logprobs(model, None, processor, rows, args_for("--beta", "0"))
+    assert calls == [] and all(r.old_logp is None for r in rows)  # no pass at all: nothing to compute
+    logprobs(model, None, processor, rows, args_for("--beta", "0", "--ppo-mini-batches", "2"))
+    assert len(calls) == 2 and all(r.old_logp is not None for r in rows)  # micro-batch 1: one forward a row
 
 
 def test_forced_exit_tokens_carry_no_gradient(sft_tiny):
@@ -279,15 +298,15 @@ def test_forced_exit_tokens_carry_no_gradient(sft_tiny):
     model, processor = data.load_model(path).eval(), data.load_processor(path)
     args = args_for("--group-size", "2", "--temperature", "0", "--max-new-tokens", "20", "--think-budget", "6",
                     "--answer-budget", "4")
-    rows = grpo.rollouts(model, processor, data.load_rl_data("toy")[:2], args, seeds=[0, 1])
+    rows = rollouts(model, processor, data.load_rl_data("toy")[:2], args, seeds=[0, 1])
     tok = processor.tokenizer
     for r in rows:
-        assert r["finish_reason"] == "forced_exit" and len(r["sampled"]) == len(r["token_ids"])
-        forced = [t for t, s in zip(r["token_ids"], r["sampled"]) if not s]
+        assert r.finish_reason == "forced_exit" and len(r.sampled) == len(r.token_ids)
+        forced = [t for t, s in zip(r.token_ids, r.sampled) if not s]
         assert forced and tok.decode(forced).strip() == "</think>"  # exactly the appended tokens
-        assert r["sampled"][:6] == [1] * 6 and tok.decode(r["token_ids"][6:6 + len(forced)]).strip() == "</think>"
+        assert r.sampled[:6] == [1] * 6 and tok.decode(r.token_ids[6:6 + len(forced)]).strip() == "</think>"
     _, _, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
-    assert mask.sum().item() == sum(sum(r["sampled"]) for r in rows)
+    assert mask.sum().item() == sum(sum(r.sampled) for r in rows)
     # the loss does not move when only the forced tokens' log-probs change
     logp = -torch.rand(mask.shape)
     moved = logp.clone()
@@ -301,9 +320,8 @@ def test_forced_exit_tokens_carry_no_gradient(sft_tiny):
 def test_chunked_token_logprobs_equal_the_full_logits(model, processor):
     """token_logprobs through sft.head_chunks == log_softmax of the model's own logits for the response
     positions, values and gradients (relative 1e-6), for one chunk and for many."""
-    rows = data.load_rl_data("toy")[:3]
-    for i, r in enumerate(rows):
-        r["token_ids"] = list(range(40, 45 + 3 * i))  # ragged responses
+    rows = [grpo.Rollout(p["messages"], p["answer"], p["options"], list(range(40, 45 + 3 * i)), None, "", "length")
+            for i, p in enumerate(data.load_rl_data("toy")[:3])]  # ragged responses
     batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
     model.double()  # float64 weights: only the order of sums, not the method, could make a difference
     positions, _ = generate.rope_positions(model, batch)
