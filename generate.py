@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -84,8 +84,11 @@ def rope_positions(model, batch):
 
 
 def next_positions(next_pos, like):
-    """Positions of one new token per row: M-RoPE's three axes advance together for text, (3, B, 1)."""
-    return next_pos.view(1, -1, 1).expand(3, -1, 1) if like.dim() == 3 else next_pos.view(-1, 1)
+    """Positions of one new token per row, (3, B, 1): a text token sits at the same place on M-RoPE's three axes
+    (time, height, width), so all three advance together; a plain causal LM takes (B, 1)."""
+    if like.dim() == 3:
+        return next_pos.view(1, -1, 1).expand(3, -1, 1)  # the 3 axes of M-RoPE, one position each
+    return next_pos.view(-1, 1)
 
 
 def vision_inputs(batch):
@@ -107,7 +110,7 @@ def sample(logits, temperature, top_p, generators):
 
 def forced_exit_ids(tokenizer, ids):
     """The tokens of "</think>" as the tokenizer encodes them after this row's text (merges can cross the seam)."""
-    context = tokenizer.decode(ids[-4:])
+    context = tokenizer.decode(ids[-4:])  # a few tokens of context are enough for a BPE merge across the seam
     before = tokenizer.encode(context, add_special_tokens=False)
     after = tokenizer.encode(context + THINK_END, add_special_tokens=False)
     if after[:len(before)] == before:
@@ -115,55 +118,70 @@ def forced_exit_ids(tokenizer, ids):
     return tokenizer.encode(THINK_END, add_special_tokens=False)
 
 
+@dataclass
+class Row:
+    """One prompt's progress through the decode loop, filled in by steps 4-6."""
+    generator: torch.Generator       # its own sampling stream: the same samples whatever the batch around it
+    thinking: bool                   # inside its thought with a think budget to watch
+    tokens: list = field(default_factory=list)   # the response so far
+    sampled: list = field(default_factory=list)  # per token: 1 if the model sampled it, 0 if the forced exit wrote it
+    forced: list = field(default_factory=list)   # "</think>" tokens still to feed after a forced exit
+    answer_left: int = None          # answer tokens left after a forced exit; None: no forced exit
+    finish_reason: str = "length"    # "length" until it stops otherwise
+
+
+def advance(row, t, tokenizer, *, think_budget, answer_budget, stop_ids, may_close):
+    """Steps 5-6 for one row after its new token t: watch for "</think>", stop, or begin a forced exit.
+    Returns whether the row goes on."""
+    row.tokens.append(t)
+    # "</think>" is 8 characters, so it spans at most the last 8 tokens; decode them only after a token with ">"
+    if row.thinking and may_close[t] and THINK_END in tokenizer.decode(row.tokens[-len(THINK_END):]):
+        row.thinking = False             # the model closed its thought itself
+    if t in stop_ids:
+        row.finish_reason = "forced_exit" if row.answer_left is not None else "stop"
+        return False
+    if row.thinking and len(row.tokens) >= think_budget:  # §2.1: stop thinking, answer now
+        row.thinking = False
+        row.forced = forced_exit_ids(tokenizer, row.tokens)
+        row.answer_left = answer_budget
+        row.finish_reason = "forced_exit"
+    return not (row.answer_left is not None and row.answer_left <= 0 and not row.forced)  # answer budget spent
+
+
 @torch.no_grad()
 def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temperature, top_p, think_budget,
                    answer_budget, stop_ids, may_close):
+    """Steps 2-6 for one chunk of prompts: a Completion per prompt, in the chunk's order."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}
-    positions, next_pos = rope_positions(model, batch)
+    # 2-3. left-pad, then one forward over all prompts fills the KV cache and gives each row's next-token logits
+    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}      # (B, L) each
+    positions, next_pos = rope_positions(model, batch)                                 # (3, B, L), (B,)
     # Without padding the causal mask is implicit: passing None lets attention skip building a mask each step.
-    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None             # (B, L)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
                    **vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    n = len(encodings)
-    out = [[] for _ in range(n)]
-    sampled = [[] for _ in range(n)]       # 1: sampled by the model, 0: written by the forced exit
-    reason = ["length"] * n
-    forced = [[] for _ in range(n)]        # "</think>" tokens still to feed, per row
-    answer_left = [None] * n               # tokens left after a forced exit
-    thinking = [think_budget is not None] * n
-    live = list(range(n))                  # original row of each batch position
+    rows = [Row(torch.Generator(device=device).manual_seed(s), think_budget is not None) for s in seeds]
+    live = list(rows)                    # the rows still in the batch, in batch order
     for _ in range(max_new_tokens):
-        token = sample(logits, temperature, top_p, [generators[r] for r in live])
+        # 4. one token per live row                                                   logits: (B_live, vocab)
+        token = sample(logits, temperature, top_p, [row.generator for row in live])     # (B_live,)
         keep = []
-        for j, r in enumerate(live):
-            sampled[r].append(0 if forced[r] else 1)
-            if forced[r]:                  # teacher-force the </think> of a forced exit
-                token[j] = forced[r].pop(0)
-            elif answer_left[r] is not None:
-                answer_left[r] -= 1        # an answer token after a forced exit
-            t = int(token[j])
-            out[r].append(t)
-            if thinking[r] and may_close[t] and THINK_END in tokenizer.decode(out[r][-8:]):
-                thinking[r] = False
-            if t in stop_ids:
-                reason[r] = "forced_exit" if answer_left[r] is not None else "stop"
-                continue
-            if thinking[r] and len(out[r]) >= think_budget:  # §2.1: stop thinking, answer now
-                thinking[r] = False
-                forced[r] = forced_exit_ids(tokenizer, out[r])
-                answer_left[r] = answer_budget
-                reason[r] = "forced_exit"
-            if answer_left[r] is not None and answer_left[r] <= 0 and not forced[r]:
-                continue                   # answered for its whole budget after a forced exit
-            keep.append(j)
+        for j, row in enumerate(live):
+            if row.forced:               # 6. a forced exit writes its "</think>" over what was sampled
+                token[j] = row.forced.pop(0)
+                row.sampled.append(0)
+            else:
+                row.sampled.append(1)
+                if row.answer_left is not None:
+                    row.answer_left -= 1
+            if advance(row, int(token[j]), tokenizer, think_budget=think_budget, answer_budget=answer_budget,
+                       stop_ids=stop_ids, may_close=may_close):
+                keep.append(j)
         if not keep:
             break
-        if len(keep) < len(live):          # finished rows leave the batch and the cache
+        if len(keep) < len(live):        # 5. finished rows leave the batch and the cache
             idx = torch.tensor(keep, device=device)
             for layer in cache.layers:
                 layer.batch_select_indices(idx)
@@ -171,12 +189,12 @@ def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temper
             mask = mask[idx] if mask is not None else None
             live = [live[j] for j in keep]
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)                 # (B_live, L + t)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_positions(next_pos, positions),
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_pos = next_pos + 1
-    return [Completion(tokenizer.decode(ids, skip_special_tokens=True), ids, why, len(ids), mask)
-            for ids, why, mask in zip(out, reason, sampled)]
+    return [Completion(tokenizer.decode(row.tokens, skip_special_tokens=True), row.tokens, row.finish_reason,
+                       len(row.tokens), row.sampled) for row in rows]
 
 
 def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
