@@ -2,7 +2,8 @@
 
 Every stage imports this file; it holds no training logic. Three things live here:
 
-1. The paper's prompt templates (appendix C), word for word.
+1. What the paper prints: its prompt templates (appendix C), word for word, and its published numbers, each with
+   the figure or table it comes from (evaluate.py --compare sets them beside ours).
 2. Row converters for the two training sets, in their published schemas:
    - SFT: OpenThoughts-114k (`system`, `conversations=[{from: user}, {from: assistant}]`), the assistant
      value wrapped in <|begin_of_thought|> ... <|end_of_solution|>. We rewrite it to the paper's
@@ -10,11 +11,12 @@ Every stage imports this file; it holds no training logic. Three things live her
    - RL: Orz-math-57k (a JSON list of `[{from: human, value}, {from: assistant, ground_truth: {value}}]`),
      plus MedQA-style multiple-choice rows for the X-Reasoner-Med continuation.
    - Evaluation: each benchmark's row (MMMU's string-repr options and image_1..7, MathVista's choices, ...)
-     reduced to one task dict; evaluate.py says which converter serves which benchmark.
+     reduced to one task dict; evaluate.py says which converter serves which benchmark, load_benchmark reads
+     them, and read_records reads back evaluate.py's per-sample records.
    Malformed rows are counted and skipped with a message, never dropped silently.
 3. Model loading through `from_pretrained`, including `--model tiny`: a few-layer Qwen2.5-VL built once,
-   offline, with the real transformers classes and the real processor, so every stage runs on a CPU through
-   exactly the code path that loads Qwen/Qwen2.5-VL-7B-Instruct.
+   offline, with the real transformers classes and the real processor (toy/tiny.py), so every stage runs on a
+   CPU through exactly the code path that loads Qwen/Qwen2.5-VL-7B-Instruct.
 
     python data.py --model tiny           # build (if needed) and print the tiny checkpoint's path
     python data.py --sft toy              # convert the toy SFT set and print its statistics
@@ -56,6 +58,67 @@ EVAL_MATH_PROMPT = (
 OPTIONS_SUFFIX = " Options:\n\n{options}"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+# ----------------------------------------------------------------------------------------------------
+# The paper's numbers (arXiv 2505.03981 v1), each with where it is printed: F1 = Figure 1 (values printed on the
+# bars; also readme_files/fig1.png in github.com/microsoft/x-reasoner), T5 = Table 5 (greedy), T8 = Table 8, ...
+# Models: base = Qwen2.5-VL-7B-Instruct, sota = the previous 7B-scale state of the art the paper compares with,
+# xr = X-Reasoner, med = X-Reasoner-Med. Where two places print different numbers for the same thing (MMMU base:
+# 53.2 in F1, 53.0 in T5) both are kept. Figures 3-4 (avg/maj/pass@5) are left out: their bar labels cannot be
+# matched to bars from the text.
+PAPER_MODELS = {"base": "Qwen2.5-VL-7B", "sota": "prev. 7B SOTA", "xr": "X-Reasoner", "med": "X-Reasoner-Med"}
+PAPER_TABLE = """
+# benchmark        base  sota  xr    med   source
+gsm8k              84.9  87.2  88.2  -     F1
+mmlu-pro           47.6  52.1  52.6  -     F1
+mmmu-pro           38.7  40.7  43.0  -     F1
+mmmu               53.2  55.0  56.4  -     F1
+medqa              56.3  71.6  62.3  72.4  F1
+mmlu-pro-health    47.8  56.4  51.3  58.7  F1
+mmmu-health        56.7  57.3  60.0  64.0  F1
+medxpertqa-mm      22.2  23.8  23.8  26.4  F1
+# T5's sota: the best other 7B/8B row: MAmmoTH-VL2-7B (MMMU-Pro, MathVista), Mulberry-7B (MMMU), R1-Onevision-7B
+mmmu               53.0  55.0  56.4  -     T5
+mmmu-pro           38.7  40.7  43.0  -     T5
+mathvista          62.8  68.1  69.0  -     T5
+mathvision         25.0  29.9  29.6  -     T5
+# T8 names each SOTA model; its MMLU-Pro-H entry (HuatuoGPT-o1-7B, replicated) differs from F1's
+mmlu-pro-health    -     54.3  -     -     T8
+# T4: the same recipe as a study (SFT + RL), before the final run; the only X-Reasoner number for NEJM
+mmlu-pro           47.6  -     53.3  -     T4
+mmlu-pro-health    47.8  -     53.1  -     T4
+mmmu-pro           38.3  -     42.5  -     T4
+nejm               41.8  -     45.7  -     T4
+# T3 and T1 (also T9): the baseline with the CoT template. T1 and T9 say "MedQA"; §3.2 calls the original 5-option
+# set "MedQA", and their 50.5 is not F1's 4-option 56.3, so we file it under medqa-5.
+mmlu-pro-health    47.8  -     -     -     T3
+omnimedvqa         57.4  -     -     -     T3
+gsm8k              86.0  -     -     -     T3
+mathvision         24.7  -     -     -     T3
+medqa-5            50.5  -     -     -     T1
+mmmu-pro           38.3  -     -     -     T1
+mmmu-pro-health    34.3  -     -     -     T1
+"""
+PAPER = [(bench, model, float(value), source)  # (benchmark, model, accuracy %, source), one per number above
+         for line in PAPER_TABLE.strip().splitlines() if not line.startswith("#")
+         for bench, *values, source in [line.split()] for model, value in zip(PAPER_MODELS, values) if value != "-"]
+# Table 6: items left after removing those solved text-only (3 image-free samples per item, per model), and the
+# accuracy of both models on that shared remainder: benchmark -> (original, text-solvable, remaining, base, xr)
+TEXT_SOLVABLE = {"mmmu": (900, 308, 592, 39.3, 41.4), "mmmu-pro": (1730, 259, 1471, 33.4, 36.4),
+                 "mathvista": (1000, 257, 743, 57.9, 60.6), "mathvision": (3040, 448, 2592, 18.6, 21.8),
+                 "mmstar": (1500, 259, 1241, 56.6, 59.0)}
+
+
+def paper_numbers(bench):
+    """{model: "53.0 (T5); 53.2 (F1)"}: every number the paper prints for this benchmark, with its sources."""
+    cells = {}
+    for b, model, value, source in PAPER:
+        if b == bench:
+            cells.setdefault(model, {}).setdefault(value, []).append(source)
+    return {m: "; ".join(f"{v} ({', '.join(s)})" for v, s in sorted(by_value.items(), key=lambda x: x[1][0]))
+            for m, by_value in cells.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Default sources (the paper's). Each also accepts a local .json/.jsonl/.parquet path.
 OPENTHOUGHTS = "open-thoughts/OpenThoughts-114k"
 ORZ_MATH_URL = ("https://github.com/Open-Reasoner-Zero/Open-Reasoner-Zero/raw/refs/heads/main/"
@@ -129,6 +192,46 @@ def iter_jsonl(path):
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     yield ValueError(f"{path} line {n} is not JSON ({e.msg})")
+
+
+def read_ids(paths, bench):
+    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
+    "bench<TAB>id" (as --text-solvable-out writes them)."""
+    ids = set()
+    for path in paths:
+        text = Path(path).read_text()
+        if text.lstrip().startswith("["):
+            ids |= set(map(str, json.loads(text)))
+            continue
+        for line in filter(str.strip, text.splitlines()):
+            b, tab, i = line.rstrip("\n").partition("\t")
+            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
+    return ids
+
+
+def write_solvable(path, bench, ids):
+    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
+    path = Path(path)
+    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
+            if not line.startswith(bench + "\t")]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
+    tmp.replace(path)
+
+
+def read_records(out, bench):
+    """evaluate.py's per-sample records for `bench` in `out`, by (id, sample), from every rank's file."""
+    records, bad = {}, 0
+    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                records[(r["id"], r["sample"])] = r
+            except (json.JSONDecodeError, KeyError):
+                bad += 1  # a line cut short by a crash: that sample is generated again
+    if bad:
+        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
+    return records
 
 
 def iter_rows(source, toy=None):
@@ -224,6 +327,18 @@ def task(question, answer, options=None, images=(), pid=None, letter=True, open_
             "answer": answer.upper() if options and letter else answer, "images": [i for i in images if i]}
 
 
+MMMU_SUBJECTS = ("Accounting Agriculture Architecture_and_Engineering Art Art_Theory Basic_Medical_Science Biology "
+                 "Chemistry Clinical_Medicine Computer_Science Design Diagnostics_and_Laboratory_Medicine Economics "
+                 "Electronics Energy_and_Power Finance Geography History Literature Manage Marketing Materials Math "
+                 "Mechanical_Engineering Music Pharmacy Physics Psychology Public_Health Sociology").split()
+MMMU_HEALTH = ("Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Medicine Pharmacy "
+               "Public_Health").split()
+
+
+def mmmu_subject(row):  # MMMU-Pro rows name it; MMMU's ids hold it: validation_Art_12
+    return (row.get("subject") or re.sub(r"^[a-z]+_|_\d+$", "", str(row.get("id", "")))).replace(" ", "_")
+
+
 def mmmu_task(row):  # MMMU and MMMU-Pro: options as a string repr, images in image_1..image_7
     is_open = row.get("question_type") == "open"  # free form, judged by MMMU's parse_open_response
     return task(row["question"], row["answer"], [] if is_open else options_list(row.get("options")),
@@ -256,6 +371,51 @@ def fields(question, answer, options=None, images=None, pid="id", strip=None):
         return task(q, row[answer], options_list(row.get(options)) if options else None,
                     ims if isinstance(ims, list) else [ims], row.get(pid, zlib.crc32(row[question].encode())))
     return make
+
+
+TOY_BENCH = {"mathvista": TOY["mathvista"], "mmmu": TOY_DIR / "mmmu.json", "mmmu-pro": TOY_DIR / "mmmu_pro.json",
+             "medqa": TOY_DIR / "medqa.jsonl", "mmlu-pro": TOY_DIR / "mmlu_pro.json"}  # offline fixtures
+
+
+def load_benchmark(bench, spec, source=None, image_root=None, images=True, exclude=(), limit=None):
+    """Benchmark `bench` (evaluate.BENCHMARKS[bench] is `spec`) from the hub, a local file or directory, or `toy`:
+    (tasks with images loaded, rows skipped). Malformed rows and missing images are counted, then skipped;
+    `exclude` (ids) and `limit` (first N rows) apply before any image is read."""
+    if source is None and spec["hub"] is None:
+        raise DataError(f"{bench}: no public hub copy; pass --data {bench}=PATH (schema in evaluate.py)")
+    if source == "toy":
+        if bench not in TOY_BENCH:
+            raise DataError(f"{bench}: no toy fixture (toy fixtures: {', '.join(TOY_BENCH)})")
+        source = str(TOY_BENCH[bench])
+    if source is not None:
+        files = sorted(p for p in Path(source).glob("*") if p.suffix in (".json", ".jsonl", ".parquet")) \
+            if Path(source).is_dir() else [source]
+        rows = [r for f in files for r in read_rows(str(f))]
+        root = image_root or (source if Path(source).is_dir() else Path(source).parent)
+    else:
+        rows = [r for c in spec["configs"] for r in read_rows(spec["hub"], spec["split"], config=c)]
+        root = image_root
+    rows = [r for r in rows if spec.get("keep", lambda r: True)(r)]
+    if source is None and len(rows) != spec["n"]:
+        print(f"{bench}: {len(rows)} rows where the dataset card has {spec['n']}", file=sys.stderr)
+    if spec.get("sample") and len(rows) > spec["sample"]:
+        import random
+        rows = random.Random(0).sample(rows, spec["sample"])
+    if exclude or limit:
+        def wanted(row):
+            try:
+                return spec["task"](row)["id"] not in exclude
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                return True  # malformed: convert_rows counts it
+        rows = [r for r in rows if wanted(r)][:limit]
+
+    def convert(row):
+        t = spec["task"](row)
+        return t | {"images": [load_image(im, root) for im in t["images"]] if images else [], "row": row}
+    tasks = convert_rows(rows, convert, bench)
+    if len({t["id"] for t in tasks}) != len(tasks):
+        raise DataError(f"{bench}: item ids are not unique")
+    return tasks, len(rows) - len(tasks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -502,114 +662,10 @@ def load_rl_data(source):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models: from_pretrained for everything; `tiny` is built locally once, then read back the same way
+# Models: from_pretrained for everything; `tiny` is built locally once (toy/tiny.py), then read back the same way
 
-TINY_VERSION = "tiny-v1"
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-# Qwen2's pre-tokenizer split: digits one at a time, so numbers are learnable by a tiny model too.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen2.5-VL-7B-Instruct's chat template (image parts become <|vision_start|><|image_pad|><|vision_end|>).
-QWEN_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+TINY = ("tiny", "tiny-text")  # names of the locally built models
 
-
-def _tiny_corpus():
-    """Text the tiny tokenizer is trained on: the templates and the toy data, so prompts stay short."""
-    texts = [TRAIN_PROMPT, EVAL_MC_PROMPT, EVAL_MATH_PROMPT, OPTIONS_SUFFIX, "You are a helpful assistant."]
-    for path in TOY.values():
-        if path.exists():
-            texts.append(path.read_text())
-    texts.append("0123456789 +-*/=()[]{}<>.,:;!?'\"\\^_$%#&|~` abcdefghijklmnopqrstuvwxyz "
-                 "ABCDEFGHIJKLMNOPQRSTUVWXYZ <think> </think> <answer> </answer> \\frac \\sqrt \\boxed")
-    return texts * 4
-
-
-def _tiny_tokenizer():
-    """A byte-level BPE trained on the spot with Qwen's special tokens, split regex and chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_tiny_corpus(), trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=QWEN_SPECIAL, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token="<|endoftext|>",
-                                        model_max_length=4096)
-    tokenizer.padding_side = "left"  # generation pads on the left; training code pads itself
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer, {t: bpe.token_to_id(t) for t in QWEN_SPECIAL}
-
-
-def build_tiny_text(path):
-    """A tiny random-weight text-only Qwen2 causal LM (the shape of a teacher such as QwQ-32B), same tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    tokenizer, special = _tiny_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, bos_token_id=special["<|endoftext|>"],
-                         eos_token_id=special[IM_END], pad_token_id=special["<|endoftext|>"])
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = [special[IM_END], special["<|endoftext|>"]]
-    model.generation_config.pad_token_id = special["<|endoftext|>"]
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def build_tiny(path):
-    """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor."""
-    import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-    tokenizer, special = _tiny_tokenizer()
-    bpe_size = len(tokenizer)
-
-    # ~14 image tokens at most: small images, real patch/merge geometry (14-pixel patches, 2x2 merge).
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=bpe_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-                         bos_token_id=special["<|endoftext|>"], eos_token_id=special[IM_END],
-                         pad_token_id=special["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
-        bos_token_id=special["<|endoftext|>"], eos_token_id=special[IM_END], pad_token_id=special["<|endoftext|>"])
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [special[IM_END], special["<|endoftext|>"]]
-    model.generation_config.pad_token_id = special["<|endoftext|>"]
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-
-
-TINY = {"tiny": build_tiny, "tiny-text": build_tiny_text}  # built locally, then loaded like any checkpoint
 
 
 def check_model(name):
@@ -713,14 +769,15 @@ def resolve_model(name):
     if name not in TINY:
         check_model(name)
         return name
+    from toy import tiny  # the builders: toy/tiny.py
     # The tokenizer is trained on the toy data and templates: a change to them is a new checkpoint.
-    version = TINY_VERSION + ("-text" if name == "tiny-text" else "")
-    path = CACHE / f"{version}-{hashlib.sha1(repr(_tiny_corpus()).encode()).hexdigest()[:8]}"
+    version = tiny.VERSION + ("-text" if name == "tiny-text" else "")
+    path = CACHE / f"{version}-{hashlib.sha1(repr(tiny.corpus()).encode()).hexdigest()[:8]}"
     if not (path / "config.json").exists():
         import tempfile
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=CACHE, prefix=".tiny-")
-        TINY[name](tmp)
+        (tiny.build if name == "tiny" else tiny.build_text)(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first; theirs is identical

@@ -6,18 +6,17 @@
     python evaluate.py --bench mathvista,mmmu,medqa --model tiny --data toy   # offline, on CPU (a preset)
 
 Protocol (§3, appendix C): the math template for the mathematical benchmarks (MathVista, MathVision, GSM8K),
-the multiple-choice template for the rest; images as chat image parts; greedy decoding; at most 4,096
-generated tokens, the forced exit (after 3,584 thinking tokens) inside them. Each
-benchmark is one entry in BENCHMARKS (where its rows come from, how a row becomes a prompt, how a response is
-judged). Judging is by rules, never by another model: an answer in <answer> tags is read with rewards.py;
-untagged prose falls back to each benchmark's official rules (MMMU's parser, MathVista's normalisation),
-made deterministic: where an official scorer guesses at random, we count the item wrong.
+the multiple-choice template for the rest; images as chat image parts; greedy decoding; at most 4,096 generated
+tokens, the forced exit (after 3,584 thinking tokens) inside them. Each benchmark is one entry in BENCHMARKS
+(where its rows come from, how a row becomes a prompt, how a response is judged). Judging is by rules, never by
+another model: an answer in <answer> tags is read with rewards.py; untagged prose falls back to each benchmark's
+official rules (MMMU's parser, MathVista's normalisation), made deterministic: where an official scorer guesses at
+random, we count the item wrong.
 
 Outputs in --out: <bench>.jsonl (one line per sample, appended as it goes, so a rerun resumes),
 summary.json, results.md. Deliberate simplifications: MathVista's official GPT-4 answer extraction is
 replaced by rules (answer phrases, option mentions, last number); --out must be on a filesystem all ranks share.
 """
-import argparse
 import ast
 import json
 import re
@@ -32,28 +31,14 @@ from rewards import choice_letter, extract_answer, last_boxed, math_equal
 # ----------------------------------------------------------------------------------------------------
 # The benchmarks
 
-MMMU_SUBJECTS = ("Accounting Agriculture Architecture_and_Engineering Art Art_Theory Basic_Medical_Science Biology "
-                 "Chemistry Clinical_Medicine Computer_Science Design Diagnostics_and_Laboratory_Medicine Economics "
-                 "Electronics Energy_and_Power Finance Geography History Literature Manage Marketing Materials Math "
-                 "Mechanical_Engineering Music Pharmacy Physics Psychology Public_Health Sociology").split()
-HEALTH = "Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Medicine Pharmacy Public_Health".split()
-TOY_EVAL = {"mathvista": data.TOY["mathvista"], "mmmu": data.TOY_DIR / "mmmu.json",
-            "mmmu-pro": data.TOY_DIR / "mmmu_pro.json", "medqa": data.TOY_DIR / "medqa.jsonl",
-            "mmlu-pro": data.TOY_DIR / "mmlu_pro.json"}
-
-
 def bench(hub, split, n, make, configs=(None,), template="mc", **extra):
     """One benchmark: where its rows live, how many the card lists, the row converter, and which appendix-C
     template its prompts use (`math` for the mathematical benchmarks, `mc` for the rest)."""
     return {"hub": hub, "split": split, "n": n, "task": make, "configs": list(configs), "template": template} | extra
 
 
-def subject_of(row):
-    return (row.get("subject") or re.sub(r"^[a-z]+_|_\d+$", "", str(row.get("id", "")))).replace(" ", "_")
-
-
 MMLU_PRO = bench("TIGER-Lab/MMLU-Pro", "test", 12032, data.fields("question", "answer", "options", pid="question_id"))
-MMMU = bench("MMMU/MMMU", "validation", 900, data.mmmu_task, MMMU_SUBJECTS)
+MMMU = bench("MMMU/MMMU", "validation", 900, data.mmmu_task, data.MMMU_SUBJECTS)
 MMMU_PRO = bench("MMMU/MMMU_Pro", "test", 1730, data.mmmu_task, ["standard (10 options)"])
 BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the dataset cards
     "gsm8k": bench("openai/gsm8k", "test", 1319, lambda r: data.task(
@@ -73,8 +58,9 @@ BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the data
     # release's data_clean/questions/US/test.jsonl ({question, options {A..E}, answer, answer_idx}).
     "medqa-5": bench(None, None, 1273, data.fields("question", "answer_idx", "options"), label="MedQA (5 options)"),
     "mmlu-pro-health": MMLU_PRO | {"n": 818, "keep": lambda r: r.get("category") == "health"},
-    "mmmu-health": MMMU | {"configs": HEALTH, "n": 150, "keep": lambda r: subject_of(r) in HEALTH},
-    "mmmu-pro-health": MMMU_PRO | {"n": 286, "keep": lambda r: subject_of(r) in HEALTH},
+    "mmmu-health": MMMU | {"configs": data.MMMU_HEALTH, "n": 150,
+                           "keep": lambda r: data.mmmu_subject(r) in data.MMMU_HEALTH},
+    "mmmu-pro-health": MMMU_PRO | {"n": 286, "keep": lambda r: data.mmmu_subject(r) in data.MMMU_HEALTH},
     # MedXpertQA MM: images are file names inside the dataset's images.zip (unzip it, pass --image-root)
     "medxpertqa-mm": bench("TsinghuaC3I/MedXpertQA", "test", 2000, data.fields(
         "question", "label", "options", "images", strip="\nAnswer Choices:"), ["MM"]),
@@ -83,60 +69,6 @@ BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the data
     # NEJM Image Challenge (local JSONL): {"id", "question", "options": [..] or {A: ..}, "answer": letter, "image"}
     "nejm": bench(None, None, 947, data.fields("question", "answer", "options", "image")),
 }
-
-# ----------------------------------------------------------------------------------------------------
-# The paper's numbers (arXiv 2505.03981 v1), each with where it is printed. Models: base = Qwen2.5-VL-7B-Instruct,
-# sota = the previous 7B-scale state of the art the paper compares with, xr = X-Reasoner, med = X-Reasoner-Med.
-# Where two places print different numbers for the same thing (MMMU base: 53.2 in Fig. 1, 53.0 in Table 5) both
-# are kept. Figures 3-4 (avg/maj/pass@5) are left out: their bar labels cannot be matched to bars from the text.
-MODELS = {"base": "Qwen2.5-VL-7B", "sota": "prev. 7B SOTA", "xr": "X-Reasoner", "med": "X-Reasoner-Med"}
-PAPER = [  # (benchmark, model, accuracy %, source)
-    # Figure 1 (values printed on the bars; also readme_files/fig1.png in github.com/microsoft/x-reasoner)
-    ("gsm8k", "base", 84.9, "F1"), ("gsm8k", "sota", 87.2, "F1"), ("gsm8k", "xr", 88.2, "F1"),
-    ("mmlu-pro", "base", 47.6, "F1"), ("mmlu-pro", "sota", 52.1, "F1"), ("mmlu-pro", "xr", 52.6, "F1"),
-    ("mmmu-pro", "base", 38.7, "F1"), ("mmmu-pro", "sota", 40.7, "F1"), ("mmmu-pro", "xr", 43.0, "F1"),
-    ("mmmu", "base", 53.2, "F1"), ("mmmu", "sota", 55.0, "F1"), ("mmmu", "xr", 56.4, "F1"),
-    ("medqa", "base", 56.3, "F1"), ("medqa", "sota", 71.6, "F1"), ("medqa", "xr", 62.3, "F1"), ("medqa", "med", 72.4, "F1"),
-    ("mmlu-pro-health", "base", 47.8, "F1"), ("mmlu-pro-health", "sota", 56.4, "F1"),
-    ("mmlu-pro-health", "xr", 51.3, "F1"), ("mmlu-pro-health", "med", 58.7, "F1"),
-    ("mmmu-health", "base", 56.7, "F1"), ("mmmu-health", "sota", 57.3, "F1"), ("mmmu-health", "xr", 60.0, "F1"),
-    ("mmmu-health", "med", 64.0, "F1"),
-    ("medxpertqa-mm", "base", 22.2, "F1"), ("medxpertqa-mm", "sota", 23.8, "F1"), ("medxpertqa-mm", "xr", 23.8, "F1"),
-    ("medxpertqa-mm", "med", 26.4, "F1"),
-    # Table 5 (greedy); sota = the best other 7B/8B row: MAmmoTH-VL2-7B (MMMU-Pro, MathVista), Mulberry-7B (MMMU),
-    # R1-Onevision-7B (MathVision)
-    ("mmmu", "base", 53.0, "T5"), ("mmmu", "sota", 55.0, "T5"), ("mmmu", "xr", 56.4, "T5"),
-    ("mmmu-pro", "base", 38.7, "T5"), ("mmmu-pro", "sota", 40.7, "T5"), ("mmmu-pro", "xr", 43.0, "T5"),
-    ("mathvista", "base", 62.8, "T5"), ("mathvista", "sota", 68.1, "T5"), ("mathvista", "xr", 69.0, "T5"),
-    ("mathvision", "base", 25.0, "T5"), ("mathvision", "sota", 29.9, "T5"), ("mathvision", "xr", 29.6, "T5"),
-    # Table 8 names each SOTA model; its MMLU-Pro-H entry (HuatuoGPT-o1-7B, replicated) differs from Fig. 1's
-    ("mmlu-pro-health", "sota", 54.3, "T8"),
-    # Table 4: the same recipe as a study (SFT + RL), before the final run; the only X-Reasoner number for NEJM
-    ("mmlu-pro", "base", 47.6, "T4"), ("mmlu-pro-health", "base", 47.8, "T4"), ("mmmu-pro", "base", 38.3, "T4"),
-    ("nejm", "base", 41.8, "T4"), ("mmlu-pro", "xr", 53.3, "T4"), ("mmlu-pro-health", "xr", 53.1, "T4"),
-    ("mmmu-pro", "xr", 42.5, "T4"), ("nejm", "xr", 45.7, "T4"),
-    # Table 3 and Tables 1/9: the baseline with the CoT template. Tables 1 and 9 say "MedQA"; §3.2 calls the
-    # original 5-option set "MedQA", and their 50.5 is not Fig. 1's 4-option 56.3, so we file it under medqa-5.
-    ("mmlu-pro-health", "base", 47.8, "T3"), ("omnimedvqa", "base", 57.4, "T3"), ("gsm8k", "base", 86.0, "T3"),
-    ("mathvision", "base", 24.7, "T3"), ("medqa-5", "base", 50.5, "T1"), ("mmmu-pro", "base", 38.3, "T1"),
-    ("mmmu-pro-health", "base", 34.3, "T1"),
-]
-# Table 6: items left after removing those solved text-only (3 image-free samples per item, per model), and the
-# accuracy of both models on that shared remainder: benchmark -> (original, text-solvable, remaining, base, xr)
-TEXT_SOLVABLE = {"mmmu": (900, 308, 592, 39.3, 41.4), "mmmu-pro": (1730, 259, 1471, 33.4, 36.4),
-                 "mathvista": (1000, 257, 743, 57.9, 60.6), "mathvision": (3040, 448, 2592, 18.6, 21.8),
-                 "mmstar": (1500, 259, 1241, 56.6, 59.0)}
-
-
-def paper_numbers(bench):
-    """{model: "53.0 (T5); 53.2 (F1)"}: every number the paper prints for this benchmark, with its sources."""
-    cells = {}
-    for b, model, value, source in PAPER:
-        if b == bench:
-            cells.setdefault(model, {}).setdefault(value, []).append(source)
-    return {m: "; ".join(f"{v} ({', '.join(s)})" for v, s in sorted(by_value.items(), key=lambda x: x[1][0]))
-            for m, by_value in cells.items()}
-
 
 # ----------------------------------------------------------------------------------------------------
 # Judging: the official rules, made deterministic
@@ -154,7 +86,8 @@ def official_choice(response, options):
     response = f" {response} "
     candidates = [c for c in letters if f"({c})" in response]
     brackets = bool(candidates)
-    candidates = candidates or [c for c in letters if f"{c} " in response] or [c for c in letters if f"{c}." in response]
+    candidates = (candidates or [c for c in letters if f"{c} " in response]
+                  or [c for c in letters if f"{c}." in response])
     by_text = False
     if not candidates and len(response.split()) > 5:
         candidates = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
@@ -189,8 +122,8 @@ def judge_choice(response, options, answer):
 
 
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<![\w.])-?\.\d+")
-WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
-                                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
+WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                         "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
 ANSWER_IS = re.compile(r"answer\b[^.\n]{0,40}?(?:\bis\b|:|=)", re.IGNORECASE)
 CHOICE_IS = re.compile(r"(?:answer|option|choice)\b[^.\n]{0,40}?(?:\bis\b|:|=)", re.IGNORECASE)
 
@@ -366,146 +299,15 @@ def score(bench, response, item):
     return bool(judge(bench, response, item)[1])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Rows -> prompts
-
-def load_tasks(bench, source, image_root=None, images=True, exclude=(), limit=None):
-    """(tasks with images loaded, rows skipped): malformed rows and missing images are counted, then skipped.
-    `exclude` (ids) and `limit` (first N rows) apply before any image is read."""
-    spec = BENCHMARKS[bench]
-    if source is None and spec["hub"] is None:
-        raise data.DataError(f"{bench}: no public hub copy; pass --data {bench}=PATH (schema in evaluate.py)")
-    if source == "toy":
-        if bench not in TOY_EVAL:
-            raise data.DataError(f"{bench}: no toy fixture (toy fixtures: {', '.join(TOY_EVAL)})")
-        source = str(TOY_EVAL[bench])
-    if source is not None:
-        files = sorted(p for p in Path(source).glob("*") if p.suffix in (".json", ".jsonl", ".parquet")) \
-            if Path(source).is_dir() else [source]
-        rows = [r for f in files for r in data.read_rows(str(f))]
-        root = image_root or (source if Path(source).is_dir() else Path(source).parent)
-    else:
-        rows = [r for c in spec["configs"] for r in data.read_rows(spec["hub"], spec["split"], config=c)]
-        root = image_root
-    rows = [r for r in rows if spec.get("keep", lambda r: True)(r)]
-    if source is None and len(rows) != spec["n"]:
-        print(f"{bench}: {len(rows)} rows where the dataset card has {spec['n']}", file=sys.stderr)
-    if spec.get("sample") and len(rows) > spec["sample"]:
-        import random
-        rows = random.Random(0).sample(rows, spec["sample"])
-    if exclude or limit:
-        def wanted(row):
-            try:
-                return spec["task"](row)["id"] not in exclude
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                return True  # malformed: convert_rows counts it
-        rows = [r for r in rows if wanted(r)][:limit]
-
-    def convert(row):
-        t = spec["task"](row)
-        return t | {"images": [data.load_image(im, root) for im in t["images"]] if images else [], "row": row}
-    tasks = data.convert_rows(rows, convert, bench)
-    if len({t["id"] for t in tasks}) != len(tasks):
-        raise data.DataError(f"{bench}: item ids are not unique")
-    return tasks, len(rows) - len(tasks)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Results: per-sample JSONL (resumable), summary, table
-
-def read_records(out, bench):
-    records, bad = {}, 0
-    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                records[(r["id"], r["sample"])] = r
-            except (json.JSONDecodeError, KeyError):
-                bad += 1  # a line cut short by a crash: that sample is generated again
-    if bad:
-        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
-    return records
-
-
-def summarize(bench, records, k, skipped):
-    by_id = {}
-    for r in records:
-        by_id.setdefault(r["id"], []).append(r)
-    n = len(by_id)
-
-    def majority(samples):  # maj@K: the most frequent extracted answer (first seen on ties)
-        votes = Counter(s["extracted"] for s in samples if s["extracted"] not in (None, ""))
-        return bool(votes) and any(s["correct"] for s in samples if s["extracted"] == votes.most_common(1)[0][0])
-    pct = lambda x: round(100 * x / max(n, 1), 2)  # noqa: E731
-    return {"bench": bench, "n": n, "samples": k, "skipped": skipped,
-            "accuracy": round(100 * sum(r["correct"] for r in records) / max(len(records), 1), 2),
-            f"maj@{k}": pct(sum(majority(s) for s in by_id.values())),
-            f"pass@{k}": pct(sum(any(x["correct"] for x in s) for s in by_id.values())),
-            "forced_exit_pct": round(100 * sum(r["finish_reason"] == "forced_exit" for r in records)
-                                     / max(len(records), 1), 2),
-            "mean_words": round(sum(r["words"] for r in records) / max(len(records), 1), 1),
-            "paper": paper_numbers(bench), "paper_text_solvable": TEXT_SOLVABLE.get(bench)}
-
-
-def table(summaries, compare, text_solvable=False):
-    """The results as Markdown, under a line naming the model(s) scored; with `compare`, the paper's numbers
-    beside ours (Table 6's with `text_solvable`)."""
-    k = summaries[0]["samples"] if summaries else 1
-    models = sorted({(s.get("model"), s.get("fingerprint")) for s in summaries if s.get("model")})
-    title = "model: " + "; ".join(f"`{m}` (fingerprint {f})" for m, f in models) + "\n\n" if models else ""
-    head = ["benchmark", "n", "accuracy" if k == 1 else f"avg@{k}"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
-    head += ["forced exit %", "words"]
-    if compare and text_solvable:
-        head += ["paper n (T6)", "paper Qwen2.5-VL-7B (T6)", "paper X-Reasoner (T6)"]
-    elif compare:
-        head += [f"paper {name}" for name in MODELS.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summaries:
-        cells = [BENCHMARKS.get(s["bench"], {}).get("label", s["bench"]), s["n"], s["accuracy"]]
-        cells += ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else []) + [s["forced_exit_pct"], s["mean_words"]]
-        if compare and text_solvable:
-            cells += list(TEXT_SOLVABLE[s["bench"]][2:]) if s["bench"] in TEXT_SOLVABLE else ["not reported"] * 3
-        elif compare:
-            cells += [paper_numbers(s["bench"]).get(m, "not reported") for m in MODELS]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return title + "\n".join(lines)
-
-
-def read_ids(paths, bench):
-    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
-    "bench<TAB>id" (as --text-solvable-out writes them)."""
-    ids = set()
-    for path in paths:
-        text = Path(path).read_text()
-        if text.lstrip().startswith("["):
-            ids |= set(map(str, json.loads(text)))
-            continue
-        for line in filter(str.strip, text.splitlines()):
-            b, tab, i = line.rstrip("\n").partition("\t")
-            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
-    return ids
-
-
-def write_solvable(path, bench, ids):
-    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
-    path = Path(path)
-    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if not line.startswith(bench + "\t")]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
-    tmp.replace(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Main
+# ====================================================================================================
+# The run: benchmark by benchmark, each rank a share of the items
 
 def parse_args(argv=None):
     ap = data.cli_parser(__doc__)
     # what to evaluate
     ap.add_argument("--bench", default="all", help="comma-separated names (table in README), or all")
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny` (default: the base)")
-    ap.add_argument("--data", action="append", default=[], help="PATH, BENCH=PATH (repeatable), or toy (a preset); "
-                    "default: the hub")
+    ap.add_argument("--data", action="append", default=[], help="PATH, BENCH=PATH (repeatable), toy; default: hub")
     ap.add_argument("--image-root", help="where relative image paths start (default: the data's directory)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
     ap.add_argument("--out", default="runs/eval", help="records (resumable), summary.json, results.md")
@@ -514,8 +316,7 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3: greedy; 0.3 with 5 samples)")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (§3: none)")
     ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens, all told (§3: 4,096)")
-    ap.add_argument("--think-budget", type=int, default=None, help="forced exit after this many thinking tokens; "
-                    "0: off (default: the cap minus --answer-budget: ours)")
+    ap.add_argument("--think-budget", type=int, help="forced exit after N thinking tokens; 0: off (ours: cap - 512)")
     ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
     ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
     ap.add_argument("--max-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
@@ -524,10 +325,8 @@ def parse_args(argv=None):
     # the text-only ablation (Table 6)
     ap.add_argument("--no-image", action="store_true", help="drop every image from the prompts")
     ap.add_argument("--text-solvable-out", help="record the items right in all K samples (bench<TAB>id)")
-    ap.add_argument("--exclude-ids", action="append", default=[], help="id files to leave out, comma-separated or "
-                    "repeated (their union)")
-    ap.add_argument("--compare", action="store_true", help="the paper's numbers beside ours (Table 6's with "
-                    "--exclude-ids)")
+    ap.add_argument("--exclude-ids", action="append", default=[], help="id files to leave out (their union)")
+    ap.add_argument("--compare", action="store_true", help="the paper's numbers beside ours (T6's with --exclude-ids)")
     args = ap.parse_args(argv)
     args.passed = data.passed_flags(ap, argv)
     # the tiny model's ~40-token answers: a short cap, the forced exit inside it (announced once the model loads)
@@ -538,100 +337,11 @@ def parse_args(argv=None):
     return args
 
 
-def sources(args, benches):
-    out = {}
-    for entry in args.data:
-        name, sep, path = entry.partition("=")
-        if sep and name in BENCHMARKS:
-            out[name] = path
-        elif entry == "toy" or len(benches) == 1:
-            out.update({b: entry for b in benches})
-        else:
-            raise data.DataError(f"--data {entry}: with several benchmarks, write BENCH=PATH")
-    return out
-
-
-def prompt_text(bench, t):
-    """The exact text of the user turn: the benchmark's appendix-C template, the question, its options."""
-    return data.eval_prompt(t["question"], t["options"], BENCHMARKS[bench]["template"])
-
-
-def evaluate_bench(bench, source, args, model, processor, rank, world):
-    from generate import generate, shard
-    from sft import barrier
-    from tqdm import tqdm
-    exclude = read_ids(args.exclude_ids, bench)
-    tasks, skipped = load_tasks(bench, source, args.image_root, not args.no_image, exclude, args.limit)
-    out, meta = Path(args.out), Path(args.out) / f"{bench}.settings.json"
-    # Records are reused when the weights (their fingerprint, not the path) and the protocol are the same.
-    settings = {k: getattr(args, k) for k in ("fingerprint", "temperature", "top_p", "max_new_tokens",
-                                              "think_budget", "answer_budget", "no_image", "min_pixels",
-                                              "max_pixels", "seed")}
-    old = json.loads(meta.read_text()) if meta.exists() else settings
-    if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != \
-            {k: v for k, v in settings.items() if k != "fingerprint"}:  # every rank stops, none waits alone
-        raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
-    stale = old.get("fingerprint") != args.fingerprint
-    out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
-    barrier()  # all ranks have read the old settings before rank 0 replaces them
-    if rank == 0:
-        if stale:  # other weights made these records: keep them aside, compute afresh
-            print(f"{bench}: the weights changed since {out} was written (fingerprint {old.get('fingerprint')} -> "
-                  f"{args.fingerprint}); its records move to {bench}.stale-{old.get('fingerprint')}.*", file=sys.stderr)
-            for f in [*out.glob(f"{bench}.jsonl"), *out.glob(f"{bench}.rank*.jsonl")]:
-                f.rename(out / f.name.replace(bench, f"{bench}.stale-{old.get('fingerprint')}", 1))
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings | {"model": args.model}, indent=1))
-        tmp.replace(meta)
-    barrier()  # the moves are done before anyone reads the records
-    done = read_records(out, bench)
-    todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
-    path = out / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
-    chunk = args.batch_size * 4
-    with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
-        if f.tell() and not path.read_bytes().endswith(b"\n"):
-            f.write("\n")  # end the line a crash cut short; read_records skips it
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            seeds = [args.seed * 1_000_003 + zlib.crc32(f"{t['id']}/{k}".encode()) for t, k in part]
-            prompts = [prompt_text(bench, t) for t, _ in part]
-            chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
-            completions = generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_p=args.top_p, seed=seeds,
-                                   think_budget=args.think_budget or None, answer_budget=args.answer_budget,
-                                   batch_size=args.batch_size)
-            for (t, k), prompt, c in zip(part, prompts, completions):
-                extracted, correct = judge(bench, c.text, t["row"])
-                f.write(json.dumps({"id": t["id"], "sample": k, "prompt": prompt, "images": 0 if args.no_image else len(t["images"]),
-                                    "response": c.text,
-                                    "extracted": extracted, "correct": bool(correct),
-                                    "finish_reason": c.finish_reason, "tokens": c.num_tokens,
-                                    "words": len(c.text.split())}) + "\n")
-            f.flush()  # what is on disk is kept by a rerun
-            bar.update(len(part))
-    barrier()
-    if rank != 0:
-        return None
-    ids = {t["id"] for t in tasks}
-    records = [r for key, r in read_records(out, bench).items() if key[0] in ids and key[1] < args.samples]
-    if args.text_solvable_out:
-        by_id = {}
-        for r in records:
-            by_id.setdefault(r["id"], []).append(r["correct"])
-        write_solvable(args.text_solvable_out, bench,
-                       sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
-    return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint}
-
-
 def main(argv=None):
     import torch
     from sft import setup_distributed
     args = parse_args(argv)
-    benches = list(BENCHMARKS) if args.bench == "all" else [b.strip() for b in args.bench.split(",") if b.strip()]
-    unknown = [b for b in benches if b not in BENCHMARKS]
-    if unknown:
-        raise data.DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
-    given = sources(args, benches)
+    benches, given = which(args)
     rank, world, device = setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = data.load_model(args.model, dtype=dtype, device=device, progress=rank == 0).eval()
@@ -653,23 +363,171 @@ def main(argv=None):
             summaries.append(s)
             print(f"{bench}: {s['accuracy']}% of {s['n']}", file=sys.stderr)
     if rank == 0 and summaries:
-        out = Path(args.out)
-        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-        summary.update({s["bench"]: s for s in summaries})
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "results.md").write_text(table(list(summary.values()), args.compare, bool(args.exclude_ids)) + "\n")
-        print(table(summaries, args.compare, bool(args.exclude_ids)))
-        if args.samples > 1:  # the sampling study (§3): avg, majority vote and pass@K side by side
-            from sft import svg_page, write_atomic
-            k, names = args.samples, [s["bench"] for s in summaries]
-            bars = [(f"{metric}@{k}", [s[key] for s in summaries]) for metric, key in
-                    (("avg", "accuracy"), ("maj", f"maj@{k}"), ("pass", f"pass@{k}"))]
-            write_atomic(out / "results.svg", svg_page([("accuracy (%)", names, bars, None, True)],
-                                                       f"{args.model}: {k} samples at temperature {args.temperature}",
-                                                       max(520, 160 * len(names) + 80), 320, 1))
+        write_results(Path(args.out), summaries, args)
     if failed:
         raise data.DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
     return summaries
+
+
+def evaluate_bench(bench, source, args, model, processor, rank, world):
+    """One benchmark: each rank generates and judges its share of the (item, sample) pairs not yet on disk,
+    appending one JSON line per sample; rank 0 returns the summary (the others None)."""
+    from generate import generate, shard
+    from sft import barrier
+    from tqdm import tqdm
+    tasks, skipped = data.load_benchmark(bench, BENCHMARKS[bench], source, args.image_root, not args.no_image,
+                                         data.read_ids(args.exclude_ids, bench), args.limit)
+    done = open_records(Path(args.out), bench, args, rank)
+    todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
+    path = Path(args.out) / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
+    with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
+        if f.tell() and not path.read_bytes().endswith(b"\n"):
+            f.write("\n")  # end the line a crash cut short; read_records skips it
+        for start in range(0, len(todo), args.batch_size * 4):
+            part = todo[start:start + args.batch_size * 4]
+            seeds = [args.seed * 1_000_003 + zlib.crc32(f"{t['id']}/{k}".encode()) for t, k in part]
+            prompts = [prompt_text(bench, t) for t, _ in part]
+            chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
+            completions = generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, seed=seeds,
+                                   think_budget=args.think_budget or None, answer_budget=args.answer_budget,
+                                   batch_size=args.batch_size)
+            for (t, k), prompt, c in zip(part, prompts, completions):
+                extracted, correct = judge(bench, c.text, t["row"])
+                f.write(json.dumps({"id": t["id"], "sample": k, "prompt": prompt, "images": 0 if args.no_image else
+                                    len(t["images"]), "response": c.text,
+                                    "extracted": extracted, "correct": bool(correct), "finish_reason":
+                                    c.finish_reason, "tokens": c.num_tokens, "words": len(c.text.split())}) + "\n")
+            f.flush()  # what is on disk is kept by a rerun
+            bar.update(len(part))
+    barrier()
+    if rank != 0:
+        return None
+    ids = {t["id"] for t in tasks}
+    records = [r for (i, k), r in data.read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
+    if args.text_solvable_out:  # Table 6: the items answered right in all K image-free samples
+        by_id = {}
+        for r in records:
+            by_id.setdefault(r["id"], []).append(r["correct"])
+        data.write_solvable(args.text_solvable_out, bench,
+                            sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
+    return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint}
+
+
+def prompt_text(bench, t):
+    """The exact text of the user turn: the benchmark's appendix-C template, the question, its options."""
+    return data.eval_prompt(t["question"], t["options"], BENCHMARKS[bench]["template"])
+
+
+# ====================================================================================================
+# Plumbing: where the data comes from, the records on disk, summaries and tables
+
+def which(args):
+    """The benchmarks asked for, and where each one's rows come from (--data; the hub where not given)."""
+    benches = list(BENCHMARKS) if args.bench == "all" else [b.strip() for b in args.bench.split(",") if b.strip()]
+    if unknown := [b for b in benches if b not in BENCHMARKS]:
+        raise data.DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    given = {}
+    for entry in args.data:
+        name, sep, path = entry.partition("=")
+        if sep and name in BENCHMARKS:
+            given[name] = path
+        elif entry == "toy" or len(benches) == 1:
+            given.update({b: entry for b in benches})
+        else:
+            raise data.DataError(f"--data {entry}: with several benchmarks, write BENCH=PATH")
+    return benches, given
+
+
+def open_records(out, bench, args, rank):
+    """The records `out` already holds for `bench`, reused only when the weights (their fingerprint, not the
+    path) and the protocol are the same: other settings stop the run; other weights move the records aside."""
+    from sft import barrier
+    meta = out / f"{bench}.settings.json"
+    settings = {k: getattr(args, k) for k in ("fingerprint", "temperature", "top_p", "max_new_tokens",
+                                              "think_budget", "answer_budget", "no_image", "min_pixels",
+                                              "max_pixels", "seed")}
+    old = json.loads(meta.read_text()) if meta.exists() else settings
+    if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != \
+            {k: v for k, v in settings.items() if k != "fingerprint"}:  # every rank stops, none waits alone
+        raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
+    barrier()  # all ranks have read the old settings before rank 0 replaces them
+    if rank == 0:
+        stale = old.get("fingerprint")
+        if stale != args.fingerprint:  # other weights made these records: keep them aside, compute afresh
+            print(f"{bench}: the weights changed since {out} was written (fingerprint {stale} -> "
+                  f"{args.fingerprint}); its records move to {bench}.stale-{stale}.*", file=sys.stderr)
+            for f in [*out.glob(f"{bench}.jsonl"), *out.glob(f"{bench}.rank*.jsonl")]:
+                f.rename(out / f.name.replace(bench, f"{bench}.stale-{stale}", 1))
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings | {"model": args.model}, indent=1))
+        tmp.replace(meta)
+    barrier()  # the moves are done before anyone reads the records
+    return data.read_records(out, bench)
+
+
+def summarize(bench, records, k, skipped):
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    n = len(by_id)
+
+    def majority(samples):  # maj@K: the most frequent extracted answer (first seen on ties)
+        votes = Counter(s["extracted"] for s in samples if s["extracted"] not in (None, ""))
+        return bool(votes) and any(s["correct"] for s in samples if s["extracted"] == votes.most_common(1)[0][0])
+    pct = lambda x: round(100 * x / max(n, 1), 2)  # noqa: E731
+    return {"bench": bench, "n": n, "samples": k, "skipped": skipped,
+            "accuracy": round(100 * sum(r["correct"] for r in records) / max(len(records), 1), 2),
+            f"maj@{k}": pct(sum(majority(s) for s in by_id.values())),
+            f"pass@{k}": pct(sum(any(x["correct"] for x in s) for s in by_id.values())),
+            "forced_exit_pct": round(100 * sum(r["finish_reason"] == "forced_exit" for r in records)
+                                     / max(len(records), 1), 2),
+            "mean_words": round(sum(r["words"] for r in records) / max(len(records), 1), 1),
+            "paper": data.paper_numbers(bench), "paper_text_solvable": data.TEXT_SOLVABLE.get(bench)}
+
+
+def table(summaries, compare, text_solvable=False):
+    """The results as Markdown, under a line naming the model(s) scored; with `compare`, the paper's numbers
+    beside ours (Table 6's with `text_solvable`)."""
+    k = summaries[0]["samples"] if summaries else 1
+    models = sorted({(s.get("model"), s.get("fingerprint")) for s in summaries if s.get("model")})
+    title = "model: " + "; ".join(f"`{m}` (fingerprint {f})" for m, f in models) + "\n\n" if models else ""
+    head = ["benchmark", "n", "accuracy" if k == 1 else f"avg@{k}"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
+    head += ["forced exit %", "words"]
+    if compare and text_solvable:
+        head += ["paper n (T6)", "paper Qwen2.5-VL-7B (T6)", "paper X-Reasoner (T6)"]
+    elif compare:
+        head += [f"paper {name}" for name in data.PAPER_MODELS.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = [BENCHMARKS.get(s["bench"], {}).get("label", s["bench"]), s["n"], s["accuracy"]]
+        cells += ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else []) + [s["forced_exit_pct"], s["mean_words"]]
+        if compare and text_solvable:
+            t6 = data.TEXT_SOLVABLE.get(s["bench"])  # (original, text-solvable, remaining, base, xr)
+            cells += list(t6[2:]) if t6 else ["not reported"] * 3
+        elif compare:
+            cells += [data.paper_numbers(s["bench"]).get(m, "not reported") for m in data.PAPER_MODELS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return title + "\n".join(lines)
+
+
+def write_results(out, summaries, args):
+    """summary.json and results.md (every benchmark evaluated into --out so far), the table printed, and with
+    --samples K the avg/maj/pass@K bars of the sampling study (§3) in results.svg."""
+    from sft import svg_page, write_atomic
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary.update({s["bench"]: s for s in summaries})
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(out / "results.md", table(list(summary.values()), args.compare, bool(args.exclude_ids)) + "\n")
+    print(table(summaries, args.compare, bool(args.exclude_ids)))
+    if args.samples > 1:
+        k, names = args.samples, [s["bench"] for s in summaries]
+        bars = [(f"{metric}@{k}", [s[key] for s in summaries]) for metric, key in
+                (("avg", "accuracy"), ("maj", f"maj@{k}"), ("pass", f"pass@{k}"))]
+        write_atomic(out / "results.svg", svg_page([("accuracy (%)", names, bars, None, True)],
+                                                   f"{args.model}: {k} samples at temperature {args.temperature}",
+                                                   max(520, 160 * len(names) + 80), 320, 1))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ GRPO's rollouts and every evaluation run through `generate()` below: our own dec
 Deliberate simplifications: a dynamic (growing) KV cache and no CUDA graphs; sharding across ranks is the
 caller's business (`shard()` below), so this function always takes a plain, unsharded model.
 """
-import argparse
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -305,12 +303,12 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=4, help="completions per question with --distil (ours)")
     # sampling
     ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens (§3: 4,096)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    ap.add_argument("--think-budget", type=int, default=None, help="forced exit after this many thinking tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3's evaluation)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1: off (§3: off)")
+    ap.add_argument("--think-budget", type=int, default=None, help="forced exit after N thinking tokens (§2.1)")
     ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (ours)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (ours)")
     args = ap.parse_args(argv)
     if args.distil and not args.output:
         ap.error("--distil needs --output")
@@ -345,7 +343,8 @@ def main(argv=None):
         ap.error("give --prompt or --input")
     rows = data.convert_rows(rows, lambda r: r | {"prompt": str(r["prompt"]), "images": r.get("images") or []},
                              "--input")  # rows without a prompt are counted and skipped
-    templates = {"train": data.TRAIN_PROMPT, "mc": data.EVAL_MC_PROMPT, "math": data.EVAL_MATH_PROMPT, "none": "{question}"}
+    templates = {"train": data.TRAIN_PROMPT, "mc": data.EVAL_MC_PROMPT, "math": data.EVAL_MATH_PROMPT,
+                 "none": "{question}"}
     print(f"template: {args.template}" + {"train": " (appendix C's training prompt: what SFT and GRPO saw)",
                                          "none": " (the message as given)"}.get(args.template, " (appendix C)"),
           file=sys.stderr)

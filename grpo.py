@@ -30,9 +30,7 @@ tensor parallelism); rollouts run in plain PyTorch, not an optimized serving eng
 """
 import random
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -46,7 +44,7 @@ def parse_args(argv=None):
     ap = data.cli_parser(__doc__)
     # model and data
     ap.add_argument("--model", required=True, help="stage 1's checkpoint (runs/sft/final), a hub id, or `tiny`")
-    ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL/path), MedQA rows, or `toy` (a preset)")
+    ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL/path), MedQA rows, or toy (B.2)")
     ap.add_argument("--out", default="runs/grpo", help="run directory: checkpoints, metrics.jsonl, curves.svg")
     # rollouts (appendix B.2)
     ap.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step, all ranks (B.2: 128)")
@@ -64,19 +62,19 @@ def parse_args(argv=None):
     ap.add_argument("--ppo-mini-batches", type=int, default=1, help="optimizer steps per rollout batch (verl's: 1)")
     # optimization (appendix B.2)
     ap.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (B.2: 3e-6)")
-    ap.add_argument("--weight-decay", type=float, default=0.01, help="(B.2: 0.01)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (B.2: 0.01)")
     ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up (B.2: 10%%)")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (B.2: 1.0)")
     ap.add_argument("--epochs", type=int, default=3, help="passes over the prompts (B.2: 3)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     ap.add_argument("--seed", type=int, default=0, help="prompt order and rollout seeds (ours)")
     # systems (ours)
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per training forward")
-    ap.add_argument("--gen-batch", type=int, default=64, help="sequences per generation batch")
-    ap.add_argument("--reward-processes", type=int, default=4, help="verifier helper processes")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per training forward (ours)")
+    ap.add_argument("--gen-batch", type=int, default=64, help="sequences per generation batch (ours)")
+    ap.add_argument("--reward-processes", type=int, default=4, help="verifier helper processes (ours)")
     ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
-    ap.add_argument("--save-every", type=int, default=50, help="save every N steps")
-    ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept beside final (0: all)")
+    ap.add_argument("--save-every", type=int, default=50, help="save every N steps (ours)")
+    ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept beside final; 0: all (ours)")
     ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
     # run directory
     ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")

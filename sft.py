@@ -17,7 +17,6 @@ Deliberate simplifications: sequences are padded, not packed (length-grouped bat
 and the fraction is reported); the vision tower is frozen by default since text-only data gives it no
 gradient; one optimizer, no ZeRO offload.
 """
-import argparse
 import json
 import math
 import os
@@ -45,7 +44,7 @@ def parse_args(argv=None):
     # optimization (appendix B.1)
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (B.1: 1e-5)")
     ap.add_argument("--lr-decay", type=float, default=0.8, help="lr multiplied by this after each epoch (B.1: 0.8)")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="(B.1: 0.0)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (B.1: 0.0)")
     ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (B.1: 0.9, 0.999)")
     ap.add_argument("--epochs", type=int, default=4, help="passes over the data (B.1: 4)")
     ap.add_argument("--global-batch", type=int, default=128, help="sequences per step, all ranks (B.1: 4 x 32 GPUs)")
@@ -56,10 +55,11 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=16, help="length grouping: sort within this many batches (ours)")
     # systems (ours)
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="activation checkpointing "
-                    "(auto: on GPU)")
-    ap.add_argument("--train-vision", action="store_true", help="train the vision tower too (text gives it no signal)")
-    ap.add_argument("--save-every", type=int, default=0, help="save every N steps (0: at each epoch's end)")
-    ap.add_argument("--keep", type=int, default=2, help="step/epoch checkpoints kept beside final (0: all)")
+                    "(ours: on GPU)")
+    ap.add_argument("--train-vision", action="store_true",
+                    help="train the vision tower (ours: frozen; text gives it no signal)")
+    ap.add_argument("--save-every", type=int, default=0, help="save every N steps; 0: at each epoch's end (ours)")
+    ap.add_argument("--keep", type=int, default=2, help="step/epoch checkpoints kept beside final; 0: all (ours)")
     ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
     # run directory
     ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")
@@ -508,7 +508,8 @@ def start_run(args, stage, rank, world, resumed_step=None):
             if args.overwrite and not args.resume and out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
-            record = {"stage": stage, "args": settings(args), "world": world, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            record = {"stage": stage, "args": settings(args), "world": world,
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                                    "transformers": transformers.__version__}}
             if resumed_step is not None and (out / "args.json").exists():

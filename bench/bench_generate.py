@@ -59,7 +59,7 @@ def time_both(model, processor, batch, new_tokens, repeats=2):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true", help="bf16 3B/7B shapes on CUDA")
-    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per sequence (default: per shape)")
     args = ap.parse_args()
     processor = data.load_processor("tiny")
     torch.manual_seed(0)

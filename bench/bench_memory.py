@@ -56,7 +56,7 @@ SHAPES = {
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--stage", choices=["sft", "grpo"], default="sft")
+    ap.add_argument("--stage", choices=["sft", "grpo"], default="sft", help="which training step to size")
     ap.add_argument("--shape", default="7b", help="7b or 3b (published configs), or a model path/`tiny`")
     ap.add_argument("--world", type=int, default=8, help="ranks the model is sharded over")
     # SFT (B.1): micro-batch 4 per device, 4,096 tokens
@@ -68,8 +68,8 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch", type=int, default=64,
                     help="sequences per generation batch (grpo.py's default), at most a rank's rollouts")
     ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (ours: Orz prompts are shorter)")
-    ap.add_argument("--new-tokens", type=int, default=4096)
-    ap.add_argument("--beta", type=float, default=0.01, help="0: no reference model")
+    ap.add_argument("--new-tokens", type=int, default=4096, help="rollout response length (B.2: 4,096)")
+    ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient; 0: no reference model (B.2: 0.01)")
     ap.add_argument("--offload", action="store_true", help="grpo.py --offload")
     ap.add_argument("--real", action="store_true", help="real CPU tensors instead of fake ones (small shapes only)")
     ap.add_argument("--top", type=int, default=0, help="list the K largest tensors alive at the peak")
@@ -335,7 +335,7 @@ def main(argv=None):
                                                 f"{detail['kv_cache_gib']:.1f}, inference copy "
                                                 f"{detail['inference_copy_gib']:.1f})" if args.stage == "grpo" else ""))
     if args.top:
-        print(f"largest tensors alive at the peak:")
+        print("largest tensors alive at the peak:")
         for nbytes, op, shape, dtype in tracker.largest_at(t_peak, args.top):
             print(f"  {nbytes / GIB:7.3f} GiB  {op:<28} {str(dtype).replace('torch.', ''):<9} {list(shape)}")
     if args.json:

@@ -54,5 +54,5 @@ def main(processes=4, n=1024):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--processes", type=int, default=4, help="verifier helper processes (grpo.py's default)")
     main(ap.parse_args().processes)

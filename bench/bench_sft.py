@@ -47,7 +47,7 @@ def bench(model, device, batch, seq, steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="bf16 3B/7B shapes on CUDA, with MFU")
     args = ap.parse_args()
     processor = data.load_processor("tiny")
     if args.gpu:

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data
+from toy import tiny
 
 # The paper's appendix C prompts, typed from the paper (independently of data.py).
 PAPER_TRAIN = ("You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
@@ -183,7 +184,7 @@ def test_tiny_checkpoint_is_a_real_qwen25_vl(tiny_path, processor, model):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     assert isinstance(model, Qwen2_5_VLForConditionalGeneration) and isinstance(processor, Qwen2_5_VLProcessor)
     tok = processor.tokenizer
-    for special in data.QWEN_SPECIAL:
+    for special in tiny.QWEN_SPECIAL:
         assert tok.convert_tokens_to_ids(special) != tok.unk_token_id
         assert tok.encode(special, add_special_tokens=False) == [tok.convert_tokens_to_ids(special)]
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
@@ -210,7 +211,7 @@ def test_tiny_round_trip_gives_identical_logits(model, processor, tmp_path):
 
 def test_tiny_build_is_deterministic(tiny_path, tmp_path):
     from safetensors.torch import load_file
-    data.build_tiny(tmp_path)
+    tiny.build(tmp_path)
     assert (tmp_path / "tokenizer.json").read_text() == (data.Path(tiny_path) / "tokenizer.json").read_text()
     a, b = load_file(tmp_path / "model.safetensors"), load_file(data.Path(tiny_path) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
