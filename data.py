@@ -447,23 +447,63 @@ def parse_distilled(row):
     return question, response
 
 
+def parse_chat(row):
+    """(user text, reply) from a chat row, {"messages": [{"role": "user", "content": str},
+    {"role": "assistant", "content": str}]}: one turn each, asked as written (no template)."""
+    turns = row["messages"]
+    if [t.get("role") for t in turns] != ["user", "assistant"]:
+        raise ValueError("a chat row needs exactly one user turn, then one assistant turn")
+    question, reply = (str(t["content"]).strip() if isinstance(t["content"], str) else None for t in turns)
+    if not question or not reply:
+        raise ValueError("chat turns must be non-empty strings")
+    return question, reply
+
+
 def parse_sft_row(row):
-    """An SFT row in either schema: OpenThoughts-114k (`conversations`) or distilled (`question`, `response`)."""
+    """An SFT row -> (question, reply), in any of three schemas: OpenThoughts-114k (`conversations`) and distilled
+    (`question`, `response`), both asked through appendix C's training prompt (sft_template), or a chat
+    (`messages`), asked as written. Any row may name `images` (paths relative to its file), placed where the text
+    says <image k>."""
+    if "messages" in row:
+        return parse_chat(row)
     return parse_openthoughts(row) if "conversations" in row else parse_distilled(row)
 
 
-def sft_example(question, answer, processor, max_len):
+def sft_template(row):
+    return None if "messages" in row else TRAIN_PROMPT
+
+
+def expand_image_pads(text, counts):
+    """The chat template writes one <|image_pad|> per image; the model reads one per merged patch (as the
+    processor expands them)."""
+    pieces = text.split("<|image_pad|>")
+    if len(pieces) != len(counts) + 1:
+        raise ValueError(f"{len(pieces) - 1} image places in the text for {len(counts)} images")
+    return pieces[0] + "".join("<|image_pad|>" * n + piece for n, piece in zip(counts, pieces[1:]))
+
+
+def sft_example(question, answer, processor, max_len, images=(), template=TRAIN_PROMPT, root=None):
     """Tokenize one conversation with the model's chat template; labels = -100 except the assistant's reply.
 
     The labeled span is the assistant text plus its closing <|im_end|>, so the model learns to stop.
     Labels come from character offsets of the full rendering, so tokens are exactly those the model sees.
+    `images` (paths, relative to `root`) go where the question says <image k>; the example records them.
     """
-    user = user_message(TRAIN_PROMPT.format(question=question))
+    pictures = [load_image(p, root) for p in images]
+    if pictures and not hasattr(processor, "image_processor"):
+        raise ValueError("a row with images, for a model that reads no images")
+    user = user_message(template.format(question=question) if template else question, pictures)
     prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(
         [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template does not render as prompt + answer + <|im_end|>")
+    if pictures:
+        grid = processor.image_processor(images=pictures, return_tensors="pt")["image_grid_thw"]
+        counts = (grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist()
+        prompt, full = expand_image_pads(prompt, counts), expand_image_pads(full, counts)
     start, end = len(prompt), len(prompt) + len(answer) + len(IM_END)
-    if not full.startswith(prompt) or full[start:end] != answer + IM_END:
+    if full[start:end] != answer + IM_END:
         raise ValueError("chat template does not render as prompt + answer + <|im_end|>")
     # Drop what the template puts after <|im_end|> (a newline): no label, so no reason to compute it.
     enc = processor.tokenizer(full[:end], add_special_tokens=False, return_offsets_mapping=True)
@@ -473,7 +513,8 @@ def sft_example(question, answer, processor, max_len):
     ids, labels = ids[:max_len], labels[:max_len]
     if all(l == -100 for l in labels):
         raise ValueError(f"prompt alone is longer than max_len={max_len}")
-    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+    paths = [str(Path(p) if Path(p).is_absolute() or root is None else Path(root) / p) for p in images]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated, "images": paths}
 
 
 def load_sft_data(source, processor, max_len=4096, build=True, wait=None, report=True):
@@ -533,22 +574,24 @@ def _tokenize_chunk(rows):
         try:
             if isinstance(row, Exception):
                 raise row
-            e = sft_example(*parse_sft_row(row), _WORKER["processor"], _WORKER["max_len"])
+            e = sft_example(*parse_sft_row(row), _WORKER["processor"], _WORKER["max_len"], row.get("images") or [],
+                            sft_template(row), _WORKER["root"])
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
             out.append(f"{type(err).__name__}: {err}")
             continue
         start = next(i for i, label in enumerate(e["labels"]) if label != -100)
         if any(label == -100 for label in e["labels"][start:]):  # the reply is one span at the end
             raise AssertionError("sft_example produced a non-contiguous label span")
-        out.append((np.asarray(e["input_ids"], dtype=np.int32).tobytes(), len(e["input_ids"]), start, e["truncated"]))
+        out.append((np.asarray(e["input_ids"], dtype=np.int32).tobytes(), len(e["input_ids"]), start, e["truncated"],
+                    e["images"]))
     return out
 
 
 _WORKER = {}
 
 
-def _init_worker(processor, max_len):
-    _WORKER.update(processor=processor, max_len=max_len)
+def _init_worker(processor, max_len, root=None):
+    _WORKER.update(processor=processor, max_len=max_len, root=root)
 
 
 def _chunks(rows, size=256):
@@ -573,15 +616,17 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
     import itertools
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    _init_worker(processor, max_len)
+    root = Path(str(TOY["sft"]) if source == "toy" else source).parent  # where relative image paths start
+    _init_worker(processor, max_len, root)
     rows = iter(iter_rows(source, toy="sft"))
     head = list(itertools.islice(rows, 2048))
     # A few thousand rows take seconds here; more go to worker processes. They start from a clean forkserver,
     # not by forking this process, whose other threads may hold locks a forked child would wait on for ever
     # (they import the launching script, so a script calling this guards its work with __name__ == "__main__").
     pool = multiprocessing.get_context("forkserver").Pool(
-        processes or min(8, os.cpu_count() or 1), _init_worker, (processor, max_len)) if len(head) == 2048 else None
-    index, bad, first_error, truncated, offset = [], 0, None, 0, 0
+        processes or min(8, os.cpu_count() or 1), _init_worker, (processor, max_len, root)) \
+        if len(head) == 2048 else None
+    index, images, bad, first_error, truncated, offset = [], {}, 0, None, 0, 0
     with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar:
         chunks = _chunks(itertools.chain(head, rows))
         for results in (pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)):
@@ -590,6 +635,8 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
                     bad, first_error = bad + 1, first_error or r
                     continue
                 f.write(r[0])
+                if r[4]:
+                    images[len(index)] = r[4]
                 index.append((offset, r[1], r[2]))
                 offset, truncated = offset + r[1], truncated + r[3]
             bar.update(len(results))
@@ -602,6 +649,8 @@ def build_sft_cache(source, processor, max_len, path, processes=None):
     if bad:
         print(f"sft data: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})", file=sys.stderr)
     torch.save(torch.tensor(index, dtype=torch.int64), tmp / "index.pt")
+    if images:  # example index -> its image paths, read again when a batch is made
+        (tmp / "images.json").write_text(json.dumps(images))
     (tmp / "meta.json").write_text(json.dumps({"source": str(source), "examples": len(index), "tokens": offset,
                                                "truncated": truncated, "skipped": bad, "max_len": max_len}))
     try:
@@ -623,6 +672,8 @@ class SFTSet:
         self.n_target = (index[:, 1] - index[:, 2].clamp(min=1)).tolist()
         self.tokens = torch.from_file(str(Path(path) / "tokens.bin"), shared=False, size=self.meta["tokens"],
                                       dtype=torch.int32)
+        images = Path(path) / "images.json"
+        self.images = {int(k): v for k, v in json.loads(images.read_text()).items()} if images.exists() else {}
 
     def __len__(self):
         return len(self.lengths)
@@ -631,7 +682,7 @@ class SFTSet:
         ids = self.tokens[self.offsets[i]:self.offsets[i] + self.lengths[i]].long()
         labels = ids.clone()
         labels[:self.label_starts[i]] = -100
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "images": self.images.get(i, [])}
 
 
 # ----------------------------------------------------------------------------------------------------

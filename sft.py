@@ -107,6 +107,35 @@ def collate(examples, pad_id, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
+def image_inputs(model, processor, examples, ids, mask, device):
+    """The vision half of a batch whose rows name images (data.sft_example recorded their paths): pixel values,
+    patch grids, and the 3-D M-RoPE positions of the whole batch, computed here (never from the model's state)."""
+    if not any(e["images"] for e in examples):
+        return {}
+    import generate
+    pictures = [data.load_image(p) for e in examples for p in e["images"]]
+    vision = processor.image_processor(images=pictures, return_tensors="pt")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token).long(),
+             "image_grid_thw": vision["image_grid_thw"].to(device)}
+    positions, _ = generate.rope_positions(model, batch)                                   # (3, B, L)
+    return {"pixel_values": vision["pixel_values"].to(device), "image_grid_thw": batch["image_grid_thw"],
+            "position_ids": positions}
+
+
+def blank_image_row(processor):
+    """A row that is one small blank image and no label. Under FSDP every rank must run the vision tower as
+    often as the others (its all-gathers and gradient reduce-scatters are collective): a micro-batch without
+    images gets this row when others in the step have some. It adds nothing to the loss and zero gradients."""
+    from PIL import Image
+    blank = Image.new("RGB", (28, 28))
+    grid = processor.image_processor(images=[blank], return_tensors="pt")["image_grid_thw"][0]  # after min_pixels
+    pads = int(grid.prod()) // processor.image_processor.merge_size ** 2
+    ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>", *["<|image_pad|>"] * pads, "<|vision_end|>"]))
+    return {"input_ids": ids, "labels": torch.full_like(ids, -100), "images": [blank]}
+
+
 def last_hidden(model, **inputs):
     """The final (normed) hidden states, (B, T, H), without the model's own B x T x vocab logits."""
     return model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False).hidden_states[-1]
@@ -121,9 +150,10 @@ def head_chunks(model, hidden, fn, chunk=1024):
                        use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
 
 
-def token_loss_sum(model, ids, labels, mask, chunk=1024):
-    """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count."""
-    hidden = last_hidden(model, input_ids=ids, attention_mask=mask)                     # (B, L, H)
+def token_loss_sum(model, ids, labels, mask, chunk=1024, **vision):
+    """Sum (not mean) of next-token cross-entropy over assistant tokens; the caller divides by the global count.
+    `vision`: image_inputs() for a batch with images."""
+    hidden = last_hidden(model, input_ids=ids, attention_mask=mask, **vision)           # (B, L, H)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])                                    # (B*(L-1), H)
     y = labels[:, 1:].reshape(-1)                     # (B*(L-1),): position t predicts token t+1; -100: no loss
     cross_entropy = lambda logits, s: F.cross_entropy(logits, y[s], ignore_index=-100, reduction="sum")  # noqa: E731
@@ -184,14 +214,19 @@ def main(argv=None):
         # The loss is the mean over every assistant token of the global batch, whatever its split over ranks and
         # micro-batches. Every rank knows the whole batch, so the token count needs no communication.
         n_target = sum(examples.n_target[i] for i in batch)
+        with_images = world > 1 and any(i in examples.images for i in batch)  # every rank knows the whole batch
         start, loss_sum, tokens, padded = time.perf_counter(), 0.0, 0, 0
         for mb in micro_batches(batch, examples.lengths, args.micro_batch, rank, world):
-            ids, labels, mask = collate([examples[i] for i in mb], processor.tokenizer.pad_token_id, device)  # (B, L)
-            loss = token_loss_sum(model, ids, labels, mask)
+            rows = [examples[i] for i in mb]
+            if with_images and not any(r["images"] for r in rows):
+                rows.append(blank_image_row(processor))  # the vision tower runs on every rank alike
+            ids, labels, mask = collate(rows, processor.tokenizer.pad_token_id, device)  # (B, L) each
+            loss = token_loss_sum(model, ids, labels, mask, **image_inputs(model, processor, rows, ids, mask, device))
             # FSDP averages gradients over ranks, hence x world; each micro-batch's gradients are reduce-scattered
             # into the fp32 shards at once (deferring it would keep a full unsharded gradient: 30 GB for the 7B).
             (loss * world / n_target).backward()
-            loss_sum, tokens, padded = loss_sum + loss.item(), tokens + int(mask.sum()), padded + mask.numel()
+            real = mask[:len(mb)]  # not the blank image row
+            loss_sum, tokens, padded = loss_sum + loss.item(), tokens + int(real.sum()), padded + real.numel()
         grad_norm = clip_grad_norm(trainable, args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

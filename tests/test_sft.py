@@ -401,3 +401,59 @@ def test_nice_ticks_by_hand():
     assert sft.nice_ticks(0, 7) == [0, 2, 4, 6, 8]
     assert sft.nice_ticks(0.001, 0.0049) == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005])
     assert sft.nice_ticks(3, 3) == [1, 2, 3, 4, 5]  # a flat series still gets an axis
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows with images: chat rows ({"messages", "images"}), loss on the reply, the same step on any number of ranks
+
+def image_rows(tmp_path):
+    """Two chat rows with an image each and two text rows, lengths chosen so that with a global batch of 4 and
+    micro-batch 1 on 2 ranks, rank 0 gets both image rows and rank 1 none (checked below, not assumed)."""
+    from PIL import Image, ImageDraw
+    rows = []
+    for k in range(2):
+        picture = Image.new("RGB", (56 + 28 * k, 28), "white")
+        ImageDraw.Draw(picture).text((2, 8), "12+3"[:2 * k + 1], fill="black")
+        picture.save(tmp_path / f"{k}.png")
+        rows.append({"messages": [{"role": "user", "content": "Read <image 1>."},
+                                  {"role": "assistant", "content": "12+3"[:2 * k + 1]}], "images": [f"{k}.png"]})
+        rows.append({"messages": [{"role": "user", "content": "What is " + "1" * (12 * k + 9) + "?"},
+                                  {"role": "assistant", "content": "x" * (k + 1)}]})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_image_rows_train_the_same_on_two_ranks_as_on_one(tmp_path, processor):
+    """A rank whose micro-batches hold no image still runs the vision tower (a blank, label-free row), so FSDP's
+    collectives line up; the step equals one process's, vision weights included, and --train-vision moves them."""
+    path = image_rows(tmp_path)
+    examples = data.load_sft_data(str(path), processor)
+    batch = sft.epoch_batches(examples.lengths, 4, 1, 0, 0)[0]
+    shares = [[i for mb in sft.micro_batches(batch, examples.lengths, 1, r, 2) for i in mb] for r in (0, 1)]
+    assert sorted(examples.images) == sorted(shares[0]) and not set(examples.images) & set(shares[1])
+    common = ["--model", "tiny", "--data", str(path), "--global-batch", "4", "--micro-batch", "1", "--epochs", "3",
+              "--lr", "1e-3", "--train-vision"]
+    for name, nproc in (("one", 1), ("two", 2)):
+        r = run([*common, "--out", str(tmp_path / name)], nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one, two, before = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final"), weights(
+        data.resolve_model("tiny"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max((one[k] - before[k]).abs().max().item() for k in one if ".visual." in k) > 1e-4
+
+
+def test_an_image_rows_labels_cover_the_reply_and_its_image_tokens_match_the_processor(tmp_path, processor):
+    path = image_rows(tmp_path)
+    row = json.loads(path.read_text().splitlines()[2])
+    ex = data.sft_example(*data.parse_sft_row(row), processor, 4096, row["images"], data.sft_template(row), tmp_path)
+    from PIL import Image
+    prompt = processor.apply_chat_template([data.user_message("Read <image 1>.", [Image.open(tmp_path / "1.png")])],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)
+    n = len(prompt["input_ids"][0])  # the processor's own expansion of the image into patch tokens
+    assert ex["input_ids"][:n] == list(prompt["input_ids"][0]) and all(l == -100 for l in ex["labels"][:n])
+    assert processor.tokenizer.decode(ex["labels"][n:]) == "12+<|im_end|>"  # the second image row: "12+3"[:3]
+    assert ex["images"] == [str(tmp_path / "1.png")]
+    with pytest.raises(ValueError, match="exactly one user turn"):
+        data.parse_sft_row({"messages": [{"role": "assistant", "content": "x"}]})
