@@ -281,8 +281,8 @@ def user_message(text, images=()):
 
 def eval_prompt(question, options=None, template="mc"):
     """Appendix C: the math template (mathematical benchmarks, their multiple-choice items included) or the
-    multiple-choice template; either is followed by the options when the item has them."""
-    text = (EVAL_MC_PROMPT if template == "mc" else EVAL_MATH_PROMPT).format(question=question)
+    multiple-choice template (or, `train`, the training prompt); followed by the options when there are some."""
+    text = {"mc": EVAL_MC_PROMPT, "math": EVAL_MATH_PROMPT, "train": TRAIN_PROMPT}[template].format(question=question)
     return text + OPTIONS_SUFFIX.format(options=format_options(options)) if options else text
 
 

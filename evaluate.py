@@ -68,6 +68,9 @@ BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the data
     "omnimedvqa": bench(None, None, 1000, data.omnimed_task, sample=1000),
     # NEJM Image Challenge (local JSONL): {"id", "question", "options": [..] or {A: ..}, "answer": letter, "image"}
     "nejm": bench(None, None, 947, data.fields("question", "answer", "options", "image")),
+    # Your own items (local JSON/JSONL): {"id", "question", "answer", "options": [..] (optional), "images": [..]};
+    # without options the answer is free-form (math_equal), with them a letter. toy/miniature.py uses it.
+    "custom": bench(None, None, None, data.fields("question", "answer", "options", "images"), template="math"),
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,6 +321,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens, all told (§3: 4,096)")
     ap.add_argument("--think-budget", type=int, help="forced exit after N thinking tokens; 0: off (ours: cap - 512)")
     ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
+    ap.add_argument("--template", choices=["mc", "math", "train"], help="the prompt for every benchmark (default: "
+                    "each one's appendix-C template; train: the training prompt)")
     ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
     ap.add_argument("--max-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (ours)")
@@ -386,7 +391,7 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
         for start in range(0, len(todo), args.batch_size * 4):
             part = todo[start:start + args.batch_size * 4]
             seeds = [args.seed * 1_000_003 + zlib.crc32(f"{t['id']}/{k}".encode()) for t, k in part]
-            prompts = [prompt_text(bench, t) for t, _ in part]
+            prompts = [prompt_text(bench, t, args.template) for t, _ in part]
             chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
             completions = generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=seeds,
@@ -414,9 +419,10 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint}
 
 
-def prompt_text(bench, t):
-    """The exact text of the user turn: the benchmark's appendix-C template, the question, its options."""
-    return data.eval_prompt(t["question"], t["options"], BENCHMARKS[bench]["template"])
+def prompt_text(bench, t, template=None):
+    """The exact text of the user turn: the benchmark's appendix-C template (or `template`), the question, its
+    options."""
+    return data.eval_prompt(t["question"], t["options"], template or BENCHMARKS[bench]["template"])
 
 
 # ====================================================================================================
@@ -424,7 +430,8 @@ def prompt_text(bench, t):
 
 def which(args):
     """The benchmarks asked for, and where each one's rows come from (--data; the hub where not given)."""
-    benches = list(BENCHMARKS) if args.bench == "all" else [b.strip() for b in args.bench.split(",") if b.strip()]
+    benches = [b for b in BENCHMARKS if b != "custom"] if args.bench == "all" else \
+        [b.strip() for b in args.bench.split(",") if b.strip()]  # all: the paper's benchmarks
     if unknown := [b for b in benches if b not in BENCHMARKS]:
         raise data.DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     given = {}
@@ -446,7 +453,7 @@ def open_records(out, bench, args, rank):
     meta = out / f"{bench}.settings.json"
     settings = {k: getattr(args, k) for k in ("fingerprint", "temperature", "top_p", "max_new_tokens",
                                               "think_budget", "answer_budget", "no_image", "min_pixels",
-                                              "max_pixels", "seed")}
+                                              "max_pixels", "seed", "template")}
     old = json.loads(meta.read_text()) if meta.exists() else settings
     if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != \
             {k: v for k, v in settings.items() if k != "fingerprint"}:  # every rank stops, none waits alone

@@ -44,6 +44,7 @@ def parse_args(argv=None):
     # optimization (appendix B.1)
     ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (B.1: 1e-5)")
     ap.add_argument("--lr-decay", type=float, default=0.8, help="lr multiplied by this after each epoch (B.1: 0.8)")
+    ap.add_argument("--warmup", type=float, default=0.0, help="fraction of steps of linear warm-up (B.1: none)")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (B.1: 0.0)")
     ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (B.1: 0.9, 0.999)")
     ap.add_argument("--epochs", type=int, default=4, help="passes over the data (B.1: 4)")
@@ -208,7 +209,7 @@ def main(argv=None):
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         batch = epoch_batches(examples.lengths, args.global_batch, args.window, args.seed, epoch)[index]
-        lr = args.lr * args.lr_decay ** epoch  # B.1: x0.8 after each epoch
+        lr = args.lr * args.lr_decay ** epoch * min(1.0, (step + 1) / max(1, args.warmup * total))  # B.1: x0.8/epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
         # The loss is the mean over every assistant token of the global batch, whatever its split over ranks and

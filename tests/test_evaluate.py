@@ -403,7 +403,7 @@ def test_protocol_defaults_follow_section_3():
 def test_templates_per_benchmark():
     """Appendix C: the math template for MathVista, MathVision and GSM8K (their multiple-choice items too,
     with the options after it); the multiple-choice template for the others."""
-    math = {b for b, spec in ev.BENCHMARKS.items() if spec["template"] == "math"}
+    math = {b for b, spec in ev.BENCHMARKS.items() if spec["template"] == "math" and b != "custom"}  # ours
     assert math == {"mathvista", "mathvision", "gsm8k"}
     item = data.mathvista_task(MATHVISTA["5"])  # a multiple-choice MathVista item
     text = ev.prompt_text("mathvista", item)
@@ -528,3 +528,29 @@ def test_changed_weights_at_the_same_path_are_evaluated_again(tmp_path, tiny_pat
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["medqa"]["fingerprint"] == second["fingerprint"]
     assert second["fingerprint"] in (tmp_path / "eval" / "results.md").read_text().splitlines()[0]
+
+
+def test_custom_items_their_template_and_the_template_flag(tmp_path):
+    """`custom`: local items, free-form answers with math_equal or a letter with options, images where named;
+    the math template unless --template says otherwise (toy/miniature.py asks with the training prompt)."""
+    from PIL import Image
+    Image.new("RGB", (56, 28), "white").save(tmp_path / "sum.png")
+    items = [{"id": "free", "question": "What is 2+3?", "answer": 5},
+             {"id": "choice", "question": "Which is larger?", "answer": "B", "options": ["1", "2"]},
+             {"id": "picture", "question": "What is <image 1>?", "answer": "7", "images": ["sum.png"]}]
+    data.write_jsonl(str(tmp_path / "items.jsonl"), items)
+    rows = {r["id"]: r for r in items}
+    assert ev.score("custom", "<answer>5.0</answer>", rows["free"]) and not ev.score("custom", "<answer>6</answer>",
+                                                                                      rows["free"])
+    assert ev.score("custom", "<answer>B</answer>", rows["choice"]) and not ev.score("custom", "<answer>A</answer>",
+                                                                                      rows["choice"])
+    for template, text in ((None, data.EVAL_MATH_PROMPT), ("train", data.TRAIN_PROMPT), ("mc", data.EVAL_MC_PROMPT)):
+        out = tmp_path / str(template)
+        run_eval(out, "--bench", "custom", "--data", str(tmp_path / "items.jsonl"),
+                 *(["--template", template] if template else []))
+        records = {r["id"]: r for r in map(json.loads, (out / "custom.jsonl").read_text().splitlines())}
+        assert records["free"]["prompt"] == text.format(question="What is 2+3?")
+        assert records["choice"]["prompt"] == text.format(question="Which is larger?") + " Options:\n\nA: 1\nB: 2"
+        assert records["picture"]["prompt"] == text.format(question="What is <image 1>?")
+        assert all(r["correct"] == ev.score("custom", r["response"], rows[i]) for i, r in records.items())
+    assert "custom" not in ev.which(ev.parse_args(["--bench", "all"]))[0]  # all: the paper's benchmarks only

@@ -93,6 +93,16 @@ def test_metrics_have_what_a_researcher_reads(tmp_path):
     assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 1e-3, 8e-4, 8e-4, 6.4e-4, 6.4e-4])  # B.1: x0.8 per epoch
 
 
+def test_warmup_is_linear_over_its_share_of_all_steps_then_the_b1_schedule(tmp_path):
+    """--warmup 0.5 of 6 steps: lr x 1/3, 2/3, 1 over the first three, then B.1's x0.8 per epoch (off by default:
+    B.1 names no warm-up)."""
+    sft.main(["--model", "tiny", "--data", "toy", "--global-batch", "50", "--micro-batch", "25", "--epochs", "3",
+              "--lr", "1e-3", "--lr-decay", "0.8", "--warmup", "0.5", "--out", str(tmp_path)])
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3 / 3, 2e-3 / 3, 8e-4, 8e-4, 6.4e-4, 6.4e-4])
+    assert sft.parse_args([]).warmup == 0.0
+
+
 def test_gradient_clipping_is_off_by_default_as_in_b1(tmp_path, monkeypatch):
     """Appendix B.1 lists no clipping: by default the norm is measured, not applied."""
     norms = []

@@ -81,8 +81,10 @@ def build_text(path):
     tokenizer.save_pretrained(path)
 
 
-def build(path):
-    """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor."""
+def build(path, text=None, vision=None, seed=0):
+    """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor.
+    `text`/`vision`: overrides of the text and vision configs' shapes (toy/miniature.py's larger model); the
+    multimodal rotary sections follow the text head size, split 1 : 1.5 : 1.5 as in Qwen2.5-VL's 16/24/24."""
     import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
@@ -93,20 +95,24 @@ def build(path):
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2) | (text or {})
+    half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary frequencies per head
+    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 2, 3, 3 for tiny
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                  fullatt_block_indexes=[1]) | (vision or {})
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=bpe_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        text_config=dict(vocab_size=bpe_size, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections},
                          bos_token_id=special["<|endoftext|>"], eos_token_id=special[data.IM_END],
-                         pad_token_id=special["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
+                         pad_token_id=special["<|endoftext|>"], **text),
+        vision_config=dict(out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, **vision),
         image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
         vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
         bos_token_id=special["<|endoftext|>"], eos_token_id=special[data.IM_END], pad_token_id=special["<|endoftext|>"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [special[data.IM_END], special["<|endoftext|>"]]
     model.generation_config.pad_token_id = special["<|endoftext|>"]
