@@ -324,7 +324,8 @@ def parse_args(argv=None):
     ap.add_argument("--template", choices=["mc", "math", "train"], help="the prompt for every benchmark (default: "
                     "each one's appendix-C template; train: the training prompt)")
     ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
-    ap.add_argument("--max-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
+    ap.add_argument("--max-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card); "
+                    "0: the processor's own")
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (ours)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seeds, per (item, sample) (ours)")
     # the text-only ablation (Table 6)
