@@ -75,14 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
     ap.add_argument("--save-every", type=int, default=50, help="save every N steps (ours)")
     ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept beside final; 0: all (ours)")
-    ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
-    # run directory
-    ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")
-    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-    ap.add_argument("--allow-changes", action="store_true", help="--resume even if settings differ from the run's")
-    args = ap.parse_args(argv)
-    args.passed = data.passed_flags(ap, argv)
-    return args
+    return sft.parse_run_flags(ap, argv)
 
 
 # ====================================================================================================

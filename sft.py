@@ -61,6 +61,12 @@ def parse_args(argv=None):
                     help="train the vision tower (ours: frozen; text gives it no signal)")
     ap.add_argument("--save-every", type=int, default=0, help="save every N steps; 0: at each epoch's end (ours)")
     ap.add_argument("--keep", type=int, default=2, help="step/epoch checkpoints kept beside final; 0: all (ours)")
+    return parse_run_flags(ap, argv)
+
+
+def parse_run_flags(ap, argv):
+    """The flags of the run directory, the same for both training stages (grpo.py ends its parser here), then
+    the parse; `passed` records which flags were given, to tell a changed setting on --resume."""
     ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
     # run directory
     ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")
