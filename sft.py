@@ -59,6 +59,10 @@ def parse_args(argv=None):
                     "(ours: on GPU)")
     ap.add_argument("--train-vision", action="store_true",
                     help="train the vision tower (ours: frozen; text gives it no signal)")
+    ap.add_argument("--freeze-text", action="store_true", help="freeze the language model (embeddings, decoder, "
+                    "head): with --train-vision only the vision tower learns, Qwen2-VL's first stage (ours)")
+    ap.add_argument("--freeze-embeddings", action="store_true", help="freeze the input token embeddings "
+                    "(ours: off; toy/miniature.py's small model keeps its images readable with it)")
     ap.add_argument("--save-every", type=int, default=0, help="save every N steps; 0: at each epoch's end (ours)")
     ap.add_argument("--keep", type=int, default=2, help="step/epoch checkpoints kept beside final; 0: all (ours)")
     return parse_run_flags(ap, argv)
@@ -185,6 +189,8 @@ def main(argv=None):
         print(preset, file=sys.stderr)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    if args.freeze_text and not args.train_vision:
+        raise data.DataError("--freeze-text without --train-vision leaves nothing to train")
     if args.global_batch % (args.micro_batch * world):
         raise data.DataError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch "
                              f"{args.micro_batch} x {world} ranks")
@@ -198,6 +204,11 @@ def main(argv=None):
     checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
     # fp32 master weights, read by rank 0 and scattered as shards; FSDP casts to bf16 for compute on GPU
     model = load_sharded(args.model, device, args.train_vision, checkpointing)
+    if args.freeze_text:  # images are taught to speak the language model's input, which stays as it was
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+    if args.freeze_embeddings:  # the vectors the vision tower learnt to imitate stay where they were
+        model.get_input_embeddings().requires_grad_(False)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)

@@ -454,6 +454,35 @@ def test_image_rows_train_the_same_on_two_ranks_as_on_one(tmp_path, processor):
     assert max((one[k] - before[k]).abs().max().item() for k in one if ".visual." in k) > 1e-4
 
 
+def test_freeze_text_trains_the_vision_tower_alone(tmp_path):
+    """--freeze-text with --train-vision (LLaVA's alignment stage): every language-model weight, embeddings and head
+    included, is bit-for-bit the one loaded, the vision tower's moved; alone it is refused before anything runs."""
+    path = image_rows(tmp_path)
+    common = ["--model", "tiny", "--data", str(path), "--global-batch", "4", "--micro-batch", "4", "--epochs", "2",
+              "--lr", "1e-3", "--freeze-text"]
+    r = run([*common, "--out", str(tmp_path / "refused")])
+    assert r.returncode == 1 and "leaves nothing to train" in r.stderr and not (tmp_path / "refused").exists()
+    r = run([*common, "--train-vision", "--out", str(tmp_path / "out")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    after, before = weights(tmp_path / "out" / "final"), weights(data.resolve_model("tiny"))
+    assert all(torch.equal(after[k], before[k]) for k in after if ".visual." not in k)
+    assert max((after[k] - before[k]).abs().max().item() for k in after if ".visual." in k) > 1e-4
+
+
+def test_freeze_embeddings_keeps_the_input_embeddings_on_two_ranks(tmp_path):
+    """--freeze-embeddings under FSDP (2 ranks, gloo): the input embedding table is bit-for-bit the one loaded, while
+    the decoder and the LM head, sharded in the same root group, still learn."""
+    r = run([*ARGS, "--micro-batch", "4", "--max-steps", "3", "--freeze-embeddings", "--out", str(tmp_path / "out")],
+            nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after, before = weights(tmp_path / "out" / "final"), weights(data.resolve_model("tiny"))
+    frozen = [k for k in after if k.endswith("embed_tokens.weight")]
+    assert len(frozen) == 1 and torch.equal(after[frozen[0]], before[frozen[0]])
+    for moved in ("lm_head.weight", "layers.0.self_attn.q_proj.weight"):
+        key = next(k for k in after if k.endswith(moved))
+        assert (after[key] - before[key]).abs().max().item() > 1e-4, key
+
+
 def test_an_image_rows_labels_cover_the_reply_and_its_image_tokens_match_the_processor(tmp_path, processor):
     path = image_rows(tmp_path)
     row = json.loads(path.read_text().splitlines()[2])
