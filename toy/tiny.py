@@ -81,10 +81,12 @@ def build_text(path):
     tokenizer.save_pretrained(path)
 
 
-def build(path, text=None, vision=None, seed=0):
+def build(path, text=None, vision=None, seed=0, sections=None):
     """Write a tiny random-weight Qwen2.5-VL checkpoint with a freshly trained tokenizer and real processor.
     `text`/`vision`: overrides of the text and vision configs' shapes (toy/miniature.py's larger model); the
-    multimodal rotary sections follow the text head size, split 1 : 1.5 : 1.5 as in Qwen2.5-VL's 16/24/24."""
+    multimodal rotary sections follow the text head size, split 1 : 1.5 : 1.5 as in Qwen2.5-VL's 16/24/24, unless
+    `sections` gives the (time, height, width) counts of rotary frequencies (they take the bands in that order,
+    highest frequencies first)."""
     import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
@@ -98,7 +100,9 @@ def build(path, text=None, vision=None, seed=0):
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2) | (text or {})
     half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary frequencies per head
-    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 2, 3, 3 for tiny
+    sections = list(sections or [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2])
+    if len(sections) != 3 or sum(sections) != half:  # 2, 3, 3 for tiny
+        raise ValueError(f"rotary sections {sections} must be three counts adding up to {half}")
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
                   fullatt_block_indexes=[1]) | (vision or {})
     config = Qwen2_5_VLConfig(
