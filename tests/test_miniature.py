@@ -1,18 +1,29 @@
-"""toy/miniature.py: the task by hand, the data it writes, and the whole pipeline in --quick mode (the pipeline and
-the table's form, not the scientific outcome: that is the README's 3-seed table)."""
+"""toy/miniature.py: the task by hand, the data it writes, the rotary choice it makes, and the whole pipeline in
+--quick mode (the pipeline and the table's form, not the scientific outcome: that is the README's 3-seed table)."""
 import json
 import re
 
+import torch
+
 import data
-from toy import miniature
+from toy import miniature, tiny
 
 
 def test_worked_thought_is_column_addition_by_hand():
-    assert miniature.worked_thought(4721, 3856) == "4721+3856\n1+6=7 7\n2+5=7 77\n7+8=15 577\n4+3+1=8 8577"
+    # 1+6=7, 2+5=7, 7+8=15 (carry 1), 4+3+1=8
+    assert miniature.worked_thought(4721, 3856) == "4721+3856\n472+385 c0 7\n47+38 c0 77\n4+3 c1 577\n8577"
     # the last column keeps its carry: 5678 + 4567 = 10245
-    assert miniature.worked_thought(5678, 4567) == \
-        "5678+4567\n8+7=15 5\n7+6+1=14 45\n6+5+1=12 245\n5+4+1=10 10245"
-    assert miniature.worked_thought(12, 7).splitlines()[-1] == "1+0=1 19"  # unequal lengths: a missing digit is 0
+    assert miniature.worked_thought(5678, 4567) == "5678+4567\n567+456 c1 5\n56+45 c1 45\n5+4 c1 245\n10245"
+    assert miniature.worked_thought(12, 7) == "12+7\n1+ c0 9\n19"  # unequal lengths: a missing digit is 0
+    assert miniature.worked(99, 1).endswith("</think>\n<answer>100</answer>")
+
+
+def test_reading_scores_the_restated_sum_and_each_operand():
+    assert miniature.reading("4721+3856", "4721+3856") == (True, True, True)
+    assert miniature.reading(" 9278+3856 ", "4721+3856") == (False, False, True)  # the miss seen most often
+    assert miniature.reading("4721+385", "4721+3856") == (False, True, False)
+    assert miniature.reading("47213856", "4721+3856") == (False, False, False)
+    assert miniature.reading("", "4721+3856") == (False, False, False)
 
 
 def test_problems_are_disjoint_and_the_test_split_does_not_move():
@@ -32,40 +43,108 @@ def test_a_drawn_sum_is_one_visual_token_per_character(tmp_path):
     assert grid == [1, 2, 18] and grid[1] * grid[2] // 4 == 9
 
 
+def rotation_between_columns(path):
+    """The largest angle (radians) by which the language model's rotary embedding turns one image token against
+    its right neighbour (same row and frame): how well attention can tell two columns apart by position."""
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+    rotary = Qwen2_5_VLRotaryEmbedding(AutoConfig.from_pretrained(path).text_config)
+    positions = torch.tensor([[[5, 5]], [[5, 5]], [[5, 6]]])  # (t, h, w) x batch 1 x 2 tokens
+    cos, sin = rotary(torch.zeros(1, 2, 8), positions)
+    angles = torch.atan2(sin[0], cos[0])
+    return (angles[1] - angles[0]).abs().max().item()
+
+
+def test_the_width_axis_gets_the_high_rotary_frequencies_only_when_asked(tmp_path):
+    """Qwen2.5-VL's split (t, h, w take the bands in that order) leaves the width axis the lowest frequencies:
+    two neighbouring columns differ by theta^(-10/16) = 1.8e-4 radians at most for a 32-wide head, by hand; with
+    every frequency on the width axis, by the highest one, 1 radian."""
+    shape = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    tiny.build(tmp_path / "qwen", text=shape)
+    tiny.build(tmp_path / "width", text=shape, sections=[0, 0, 16])
+    assert rotation_between_columns(tmp_path / "qwen") < 1e6 ** (-10 / 16) + 1e-6
+    assert abs(rotation_between_columns(tmp_path / "width") - 1.0) < 1e-5
+    try:
+        tiny.build(tmp_path / "bad", text=shape, sections=[4, 6, 7])
+    except ValueError as e:
+        assert "adding up to 16" in str(e)
+    else:
+        raise AssertionError("sections that do not add up to the head's frequencies were accepted")
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_the_data_keeps_images_out_of_post_training_and_twins_in_evaluation(tmp_path):
     args = miniature.parse_args(["--quick"])
     files = miniature.write_data(tmp_path, args, seed=3)
-    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in files.items()}
-    assert not any("images" in r or "<image" in json.dumps(r) for k in ("sft", "rl", "control") for r in rows[k])
+    rows = {name: read(path) for name, path in files.items() if name != "control_steps"}
+    text_only = ("language", "sft", "rl", "control")
+    assert not any("images" in r or "<image" in json.dumps(r) for k in text_only for r in rows[k])
+    assert all("images" in r for r in rows["align"]) and sum("images" in r for r in rows["joint"]) == 3 * len(
+        rows["align"])
+    halves = [r for r in rows["joint"] if re.search(r"[0-9]\+<image 1>|<image 1>\+[0-9]", r["messages"][0]["content"])]
+    assert len(halves) == len(rows["align"])  # one operand drawn (that operand alone in the picture), one typed
+    for r in halves:
+        a, b = re.findall(r"<think>\n([0-9]+)[+]([0-9]+)\n", r["messages"][1]["content"])[0]
+        drawn = a if "<image 1>+" in r["messages"][0]["content"] else b
+        assert r["images"] == [f"images/{drawn}.png"] and (tmp_path / r["images"][0]).exists()
     # the control spends the budget of stages 1 and 2: SFT sequences plus GRPO's 16 prompts x 8 samples a step
-    assert len(rows["control"]) == args.sft_epochs * args.sft_problems + 16 * 8 * args.grpo_steps
-    for r in rows["control"]:  # direct answers: no thought
-        a, b = re.findall(r"([0-9]+)[+]([0-9]+)", r["messages"][0]["content"])[0]
-        assert r["messages"][1]["content"] == f"<answer>{int(a) + int(b)}</answer>"
+    assert files["control_steps"] * miniature.BATCH >= miniature.BATCH * args.sft_steps + 16 * 8 * args.grpo_steps
+    for r in rows["control"]:  # direct answers: the sum restated, no working
+        a, b = re.findall(r"<think>\n([0-9]+)[+]([0-9]+)\n</think>", r["messages"][1]["content"])[0]
+        assert r["messages"][1]["content"].endswith(f"<answer>{int(a) + int(b)}</answer>")
+    for r in rows["sft"]:
+        a, b = map(int, re.findall(r"[0-9]+", r["question"])[:2])
+        assert r["response"] == miniature.worked(a, b) or r["response"] == miniature.worked(b, a)
+    assert len({re.sub(r"[0-9]+", "N", r["question"]) for r in rows["sft"]}) > 3  # several phrasings
     for split in ("test", "val"):
         text, image = rows[f"{split}-text"], rows[f"{split}-image"]
         assert [(t["id"], t["answer"]) for t in text] == [(i["id"], i["answer"]) for i in image]
+        assert all(t["question"] == f"What is {t['id']}?" for t in text)
         assert all((tmp_path / i["images"][0]).exists() and i["question"] == "What is <image 1>?" for i in image)
     held_out = {r["id"] for s in ("test", "val") for r in rows[f"{s}-text"]}
-    trained = {re.findall(r"[0-9]+[+][0-9]+", json.dumps(r))[0] for k in ("base", "sft", "rl", "control")
-               for r in rows[k]}
+    trained = set()
+    for k in ("joint", "sft", "rl", "control"):
+        for r in rows[k]:
+            a, b = map(int, re.findall(r"[0-9]+", r["messages"][-1]["content"] if "messages" in r else r["question"])[:2])
+            trained |= {f"{a}+{b}", f"{b}+{a}"}
     assert not held_out & trained and len(held_out) == 2 * args.eval_items
 
 
 def test_quick_runs_every_stage_and_writes_the_table(tmp_path):
     results = miniature.main(["--out", str(tmp_path), "--quick"])
+    seed = tmp_path / "seed0"
+    config = json.loads((seed / "init" / "config.json").read_text())["text_config"]
+    assert config["rope_parameters"]["mrope_section"] == [0, 0, 16]
+    for stage in ("language", "align", "base", "sft", "grpo", "control"):
+        assert (seed / stage / "final" / "config.json").exists()
+    # the alignment trained the vision tower alone; stage 1 left the token embeddings alone
+    lm, aligned = (data.load_model(str(seed / s / "final")).state_dict() for s in ("language", "align"))
+    assert all(torch.equal(lm[k], aligned[k]) for k in lm if ".visual." not in k)
+    base, sft = (data.load_model(str(seed / s / "final")).state_dict() for s in ("base", "sft"))
+    assert all(torch.equal(base[k], sft[k]) for k in base if "embed_tokens" in k or ".visual." in k)
+    # every SFT part draws its batches at random; stage 1 and the control share their lr; the control sees as many
+    # sequences as stages 1 and 2: 3 steps x 32 + 2 GRPO steps x 16 prompts x 8 samples = 352 = 11 x 32
+    for stage, lr, steps in (("base", 1e-3, 3), ("sft", 5e-4, 3), ("control", 5e-4, 11)):
+        run = json.loads((seed / stage / "args.json").read_text())["args"]
+        assert (run["window"], run["lr"], run["max_steps"]) == (1, lr, steps)
     for stage in ("base", "sft", "grpo", "control"):
-        assert (tmp_path / "seed0" / stage / "final" / "config.json").exists()
         for split in ("val", "test"):
             for modality in ("text", "image"):
                 r = results[0][stage][split][modality]
-                assert 0 <= r["accuracy"] <= 100 and 0 <= r["thought"] <= 100 and r["tokens"] > 0
-                records = (tmp_path / "seed0" / "eval" / stage / f"{split}-{modality}" / "custom.jsonl").read_text()
-                assert len(records.splitlines()) == 16
-                settings = tmp_path / "seed0" / "eval" / stage / f"{split}-{modality}" / "custom.settings.json"
-                assert json.loads(settings.read_text())["max_pixels"] == 0  # images as sized in training
+                assert all(0 <= r[k] <= 100 for k in ("accuracy", "thought", "read", "read_first", "read_second"))
+                assert r["read"] <= min(r["read_first"], r["read_second"]) and r["tokens"] > 0
+                where = seed / "eval" / stage / f"{split}-{modality}"
+                assert len((where / "custom.jsonl").read_text().splitlines()) == 16
+                assert json.loads((where / "custom.settings.json").read_text())["max_pixels"] == 0
     table = (tmp_path / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "model" not in line]
-    assert len(rows) == 8 and all(len(re.findall(r"\d+\.\d", line)) == 3 for line in rows)  # 4 models x 2 splits
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "model" not in line
+            and "seed" not in line]
+    seeds = [line for line in rows if line.startswith("| 0 |")]
+    assert len(seeds) == 1 and len(re.findall(r"\d+ / \d+", seeds[0])) == 4  # text / image for 4 models
+    rows = [line for line in rows if line not in seeds]
+    assert len(rows) == 8 and all(len(re.findall(r"\d+\.\d", line)) == 6 for line in rows)  # 4 models x 2 splits
     saved = json.loads((tmp_path / "results.json").read_text())["results"]["0"]
     assert saved["grpo"]["test"] == results[0]["grpo"]["test"]

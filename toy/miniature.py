@@ -1,32 +1,39 @@
 """The paper's transfer claim in miniature: reasoning learned from text alone, measured on the same problems as images.
 
 X-Reasoner (arXiv 2505.03981) post-trains a vision-language model on text only and finds the reasoning carries
-over to image inputs. This script replays that on a laptop CPU with the repository's own stages:
+over to image inputs. This script replays that on a laptop CPU with the repository's own stages, on 4-digit sums:
 
-    0. a small Qwen2.5-VL (the real classes; random init) is trained by sft.py to *read* images of sums
-       (image -> "4721+3856"), then also to *answer directly*, without thinking, in both modalities: the
-       stand-in for the instruction-tuned base VLM, which can already read images
-    1. X-Reasoner's stage 1 on text only: sft.py on worked digit-by-digit thoughts in <think>/<answer>
+    0. the base, built the way Qwen2-VL and LLaVA build theirs, a language model first and eyes for it after
+       (each part is sft.py on a small Qwen2.5-VL of the real classes, random init):
+       a. language, text only: copy a sum, and answer it directly (its thought only restates it), asked in
+          several phrasings
+       b. vision alignment: the language model frozen, the vision tower learns to make it read drawn sums
+       c. instruction tuning: everything trains on reading and direct answers, with the sum typed, drawn, or
+          half and half (one operand drawn, one typed: a drawn digit is made to stand for a typed one)
+    1. X-Reasoner's stage 1 on text only: sft.py on worked column-by-column thoughts in <think>/<answer>
     2. X-Reasoner's stage 2 on text only: grpo.py with the 1/0 reward
-    control: the base trained on as many more text sequences, answered directly (the same budget, no thoughts)
+    control: the base trained on as many more text sequences as 1 and 2 use, answered directly (no thoughts)
 
 Then evaluate.py (greedy, forced exit) scores every model on held-out sums written as text and drawn as images
-(each image the exact twin of a text item), and counts the image answers that carry a chain of thought.
-Settings are to be chosen on the validation split; the table reports the test split. Status (README, "The
-transfer claim in miniature"): at these settings the model learns to read the images but not the worked
-thought, so the claim is not yet tested.
+(each image the exact twin of a text item), and counts the image answers that carry a worked thought and those
+whose thought reads the drawn sum right. Settings were chosen on a development split of our own, then checked on
+the validation split; the README's table is the test split (README, "The transfer claim in miniature").
 
-    python toy/miniature.py --out runs/miniature                 # one seed, the README's settings
+    python toy/miniature.py --out runs/miniature                 # one seed, ~25 minutes on 2 CPU cores
     python toy/miniature.py --out runs/miniature --seeds 0,1,2   # the README's table: three seeds, mean (range)
-    python toy/miniature.py --out runs/mini --quick              # the pipeline end to end in ~1 minute
+    python toy/miniature.py --out runs/mini --quick              # the pipeline end to end in well under a minute
 
 Deliberate simplifications: one task (addition), one font, a model of a few million parameters trained for
-minutes. A rerun reuses each stage whose final checkpoint exists.
+minutes; settings a 7B model does not need, each one measured (README): M-RoPE's rotary frequencies all on the
+image width axis, random batches instead of sft.py's length grouping, and stage 1 and the control at half the
+base's lr with the token embeddings frozen, so that learning the thought does not unlearn reading. A rerun reuses
+each stage whose final checkpoint exists.
 """
 import argparse
 import contextlib
 import io
 import json
+import math
 import random
 import sys
 import time
@@ -41,6 +48,8 @@ import grpo  # noqa: E402
 import sft  # noqa: E402
 from toy import tiny  # noqa: E402
 
+BATCH = 32  # sequences per optimizer step in every SFT part (ours)
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -49,32 +58,39 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean (min-max)")
     ap.add_argument("--quick", action="store_true", help="a small model and budgets: the pipeline, not the result")
     # the task (ours): a + b with `digits`-digit operands, the expression drawn one character per 28-pixel cell
-    ap.add_argument("--digits", type=int, default=3, help="digits per operand (ours; 4 was not learned, README)")
+    ap.add_argument("--digits", type=int, default=4, help="digits per operand (ours)")
     ap.add_argument("--eval-items", type=int, default=100, help="held-out sums per split, validation and test")
-    # the model (ours): a few million parameters, Qwen2.5-VL's classes
+    # the model (ours): 3.6M parameters, Qwen2.5-VL's classes
     ap.add_argument("--hidden", type=int, default=192, help="text hidden size (vision: --vision-hidden)")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers")
     ap.add_argument("--vision-hidden", type=int, default=128, help="vision tower width (depth 3, full attention)")
-    # budgets (ours, chosen on the validation split)
-    ap.add_argument("--base-problems", type=int, default=3000, help="sums for the base's reading/direct rows")
-    ap.add_argument("--read-epochs", type=int, default=6, help="passes over the reading rows alone (base, part 1)")
-    ap.add_argument("--base-epochs", type=int, default=2, help="passes over the base's mixed rows (part 2)")
-    ap.add_argument("--sft-problems", type=int, default=3000, help="sums with worked thoughts, stage 1")
-    ap.add_argument("--sft-epochs", type=int, default=8, help="passes over them")
-    ap.add_argument("--grpo-steps", type=int, default=30, help="GRPO steps, stage 2 (16 prompts x 8 samples)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, every SFT stage")
+    # budgets, in optimizer steps of 32 sequences (ours, chosen on the development split: README)
+    ap.add_argument("--base-problems", type=int, default=3000, help="sums for the base's rows, all three parts")
+    ap.add_argument("--sft-problems", type=int, default=3000, help="sums with worked thoughts, stage 1 (the "
+                    "control's direct answers: as many others)")
+    ap.add_argument("--lm-steps", type=int, default=600, help="base a: copying and direct answers, text")
+    ap.add_argument("--align-steps", type=int, default=800, help="base b: the vision tower alone learns to read "
+                    "(its loss breaks through after a plateau of 300 steps or more: README)")
+    ap.add_argument("--joint-steps", type=int, default=400, help="base c: reading and direct answers, both modalities")
+    ap.add_argument("--sft-steps", type=int, default=1000, help="stage 1: worked thoughts, text")
+    ap.add_argument("--grpo-steps", type=int, default=30, help="stage 2: GRPO steps of 16 prompts x 8 samples, text")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of base parts a and c")
+    ap.add_argument("--sft-lr", type=float, default=5e-4, help="AdamW learning rate of stage 1 and the control "
+                    "(at 1e-3 stage 1 forgot how to read images: README)")
+    ap.add_argument("--align-lr", type=float, default=3e-3, help="AdamW learning rate of the vision alignment")
     ap.add_argument("--grpo-lr", type=float, default=1e-4, help="AdamW learning rate, GRPO")
     args = ap.parse_args(argv)
-    if args.quick:  # the pipeline in ~2 minutes: every stage runs, nothing is learned to speak of
+    if args.quick:  # every stage runs, nothing is learned to speak of
         args.digits, args.eval_items, args.hidden, args.layers, args.vision_hidden = 2, 16, 64, 2, 32
-        args.base_problems, args.base_epochs, args.sft_problems, args.sft_epochs, args.grpo_steps = 96, 1, 64, 1, 2
-        args.read_epochs = 1
+        args.lm_steps = args.align_steps = args.joint_steps = args.sft_steps = 3
+        args.base_problems, args.sft_problems = 64, 64
+        args.grpo_steps = 2
     args.seeds = [int(s) for s in args.seeds.split(",")]
     return args
 
 
 # ----------------------------------------------------------------------------------------------------
-# The task: sums, their worked thoughts, and their pictures
+# The task: sums, their worked thoughts, their phrasings and their pictures
 
 def problems(seed, digits, counts):
     """Disjoint lists of (a, b), `counts` of them in order (test first, so its items do not move when the
@@ -97,20 +113,39 @@ def expression(a, b):
 
 
 def worked_thought(a, b):
-    """Column addition from the right, one line per column, each line ending with the digits found so far:
-    '4721+3856 / 1+6=7 7 / 2+5=7 77 / 7+8=15 577 / 4+3+1=8 8577'. The thought opens by restating the sum, as
-    the text is there to copy; on an image the same line has to be read."""
-    xs, ys, carry, found, lines = str(a)[::-1], str(b)[::-1], 0, "", [expression(a, b)]
-    for k in range(max(len(xs), len(ys))):
-        x, y = int(xs[k]) if k < len(xs) else 0, int(ys[k]) if k < len(ys) else 0
-        total = x + y + carry
-        last = k == max(len(xs), len(ys)) - 1
-        found = (str(total) if last else str(total % 10)) + found
-        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total} {found}")
-        carry = total // 10
-    assert int(found) == a + b
+    """Column addition, one column per line: the thought restates the sum, then each line is the sum still to do
+    (each operand without its last digit), the carry, and the digits found so far:
+    '4721+3856 / 472+385 c0 7 / 47+38 c0 77 / 4+3 c1 577 / 8577'. Every line is read off the line above it, so
+    once the sum is restated nothing more is needed from the question: on an image, only the first line has to be
+    read from the picture. (Fetching the k-th digit of each operand from the question, as plain column addition
+    does, is what a small model learns slowest.)"""
+    x, y, carry, found, lines = str(a), str(b), 0, "", [expression(a, b)]
+    while x or y:
+        total = (int(x[-1]) if x else 0) + (int(y[-1]) if y else 0) + carry
+        x, y, carry, found = x[:-1], y[:-1], total // 10, str(total % 10) + found
+        lines.append(f"{x}+{y} c{carry} {found}" if x or y else f"{carry or ''}{found}")
+    assert int(lines[-1]) == a + b
     return "\n".join(lines)
 
+
+def direct(a, b):
+    """The base's (and the control's) answer: the sum restated inside the think tags, then the answer."""
+    return f"<think>\n{expression(a, b)}\n</think>\n<answer>{a + b}</answer>"
+
+
+def worked(a, b):
+    return f"<think>\n{worked_thought(a, b)}\n</think>\n<answer>{a + b}</answer>"
+
+
+QUESTION = "What is {}?"  # every evaluation item; the image twin asks "What is <image 1>?" with the sum drawn
+# Training questions come in several phrasings, so that the copy of the sum is found by what it is, not by where
+# it sits; a drawn sum sits elsewhere than a typed one (the image's start and end tokens), and the frozen
+# language model of the base's part b could not be taught to read images while it knew one phrasing only.
+ASK = ["What is {a}+{b}?", "Compute {a}+{b}.", "{a}+{b} = ?", "Add {a} and {b}.", "What is the sum of {a} and {b}?",
+       "Find {a} plus {b}.", "How much is {a} + {b}?", "Please add {b} to {a}."]
+COPY = ["Read {x}.", "Copy {x}.", "Repeat {x} please.", "Say {x}.", "Read this: {x}", "Write {x} again.",
+        "{x} - read it.", "Echo: {x}"]
+READ = "Read <image 1>."  # the only image prompt of the base besides QUESTION
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf"  # Pillow's own font where this one is absent
 
@@ -127,13 +162,11 @@ def render(text, path, cell=28):
     picture.convert("RGB").save(path)
 
 
-QUESTION = "What is {}?"  # the text item; its image twin asks "What is <image 1>?" with the sum drawn
-
-
-def chat(question, reply, image=None):
-    """A chat row for sft.py, asked through the paper's training prompt as written (the base's rows)."""
-    row = {"messages": [{"role": "user", "content": data.TRAIN_PROMPT.format(question=question)},
-                        {"role": "assistant", "content": reply}]}
+def chat(question, reply, image=None, template=True):
+    """A chat row for sft.py; questions go through the paper's training prompt as written, the copying and reading
+    requests of the base stand alone."""
+    user = data.TRAIN_PROMPT.format(question=question) if template else question
+    row = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
     return row | ({"images": [image]} if image else {})
 
 
@@ -143,25 +176,28 @@ def write_data(folder, args, seed):
     test, val, base, xr, rl, control = problems(seed, args.digits, [args.eval_items, args.eval_items,
                                                                     args.base_problems, args.sft_problems,
                                                                     16 * args.grpo_steps, args.sft_problems])
+    rng = random.Random(seed)
 
-    def picture(a, b):
-        name = f"images/{a}+{b}.png"
+    def picture(*terms):  # the sum, or one operand alone
+        name = f"images/{'+'.join(map(str, terms))}.png"
         if not (folder / name).exists():
-            render(expression(a, b), folder / name)
+            render("+".join(map(str, terms)), folder / name)
         return name
-    rows = {"read": [], "base": [], "sft": [], "rl": [], "control": []}
-    for a, b in base:  # reading, direct answers on text, direct answers on the image
-        rows["read"].append({"messages": [{"role": "user", "content": "Read <image 1>."},
-                                          {"role": "assistant", "content": expression(a, b)}], "images": [picture(a, b)]})
-        rows["base"] += [rows["read"][-1], chat(QUESTION.format(expression(a, b)), f"<answer>{a + b}</answer>"),
-                         chat(QUESTION.format("<image 1>"), f"<answer>{a + b}</answer>", picture(a, b))]
-    rows["sft"] = [{"question": QUESTION.format(expression(a, b)),
-                    "response": f"<think>\n{worked_thought(a, b)}\n</think>\n<answer>{a + b}</answer>"} for a, b in xr]
-    rows["rl"] = [{"question": QUESTION.format(expression(a, b)), "answer": str(a + b)} for a, b in rl]
+
+    def ask(a, b):
+        return rng.choice(ASK).format(a=a, b=b)
+    copy = [chat(rng.choice(COPY).format(x=expression(a, b)), expression(a, b), template=False) for a, b in base]
+    answer = [chat(ask(a, b), direct(a, b)) for a, b in base]
+    read = [chat(READ, expression(a, b), picture(a, b), template=False) for a, b in base]
+    look = [chat(QUESTION.format("<image 1>"), direct(a, b), picture(a, b)) for a, b in base]
+    half = [chat(QUESTION.format(f"<image 1>+{b}"), direct(a, b), picture(a)) if rng.random() < 0.5 else
+            chat(QUESTION.format(f"{a}+<image 1>"), direct(a, b), picture(b)) for a, b in base]
+    rows = {"language": copy + answer, "align": read, "joint": read + answer + look + half}
+    rows["sft"] = [{"question": ask(a, b), "response": worked(a, b)} for a, b in xr]
+    rows["rl"] = [{"question": ask(a, b), "answer": str(a + b)} for a, b in rl]
     # the control: as many training sequences as stages 1 and 2 use together, all direct answers on text
-    budget = args.sft_epochs * len(xr) + 16 * 8 * args.grpo_steps
-    rows["control"] = [chat(QUESTION.format(expression(a, b)), f"<answer>{a + b}</answer>")
-                       for a, b in (control * (budget // len(control) + 1))[:budget]]
+    budget = BATCH * args.sft_steps + 16 * 8 * args.grpo_steps
+    rows["control"] = [chat(ask(a, b), direct(a, b)) for a, b in control]
     for split, items in (("test", test), ("val", val)):
         rows[f"{split}-text"] = [{"id": f"{a}+{b}", "question": QUESTION.format(expression(a, b)), "answer": a + b}
                                  for a, b in items]
@@ -169,7 +205,9 @@ def write_data(folder, args, seed):
                                    "images": [picture(a, b)]} for a, b in items]
     for name, part in rows.items():
         data.write_jsonl(str(folder / f"{name}.jsonl"), part)
-    return {name: folder / f"{name}.jsonl" for name in rows}
+    files = {name: folder / f"{name}.jsonl" for name in rows}
+    files["control_steps"] = math.ceil(budget / BATCH)
+    return files
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,32 +227,54 @@ def stage(name, out, run):
     return out / "final"
 
 
-def sft_stage(model, rows, epochs, args, seed, extra=()):
-    return lambda out: sft.main(["--model", str(model), "--data", str(rows), "--epochs", str(epochs),
-                                 "--global-batch", "32", "--micro-batch", "32", "--lr", str(args.lr),
-                                 "--lr-decay", "1.0", "--warmup", "0.05", "--grad-clip", "1.0",
-                                 "--max-len", "512", "--seed", str(seed), *extra, *out])
+def sft_stage(model, rows, steps, lr, seed, extra=()):
+    """sft.py for `steps` steps of 32 sequences at a constant lr after a 5% warm-up, gradients clipped at 1
+    (reading images was not learned without the clip: README), every batch a random draw (--window 1: sft.py's
+    length grouping would make base c's batches all reading rows or all answers, and its model read images worse)."""
+    n = sum(1 for _ in open(rows))
+    return lambda out: sft.main(["--model", str(model), "--data", str(rows), "--epochs", str(math.ceil(steps * BATCH / n)),
+                                 "--max-steps", str(steps), "--global-batch", str(BATCH), "--micro-batch", str(BATCH),
+                                 "--lr", str(lr), "--lr-decay", "1.0", "--warmup", "0.05", "--grad-clip", "1.0",
+                                 "--max-len", "512", "--window", "1", "--seed", str(seed), *extra, *out])
+
+
+def thought_budget(digits):
+    return 16 + 12 * (digits + 2)  # the worked thought is ~11 tokens a line: the forced exit stays clear of it
 
 
 def measure(model, files, split, args, out):
-    """evaluate.py on the text items and their image twins: accuracy, and the share of answers with a thought."""
-    budget = 16 + 12 * (args.digits + 2)  # the worked thought is ~11 tokens a column: the forced exit stays clear
+    """evaluate.py on the text items and their image twins: accuracy, the share of answers with a worked thought,
+    and the share whose thought opens with the sum read right."""
+    budget = thought_budget(args.digits)
     result = {}
     for modality in ("text", "image"):
         where = out / f"{split}-{modality}"
         # --max-pixels 0: the processor's own resolution, as in training (evaluate.py's default, the 7B model
-        # card's 262,144 pixels, would blow a 7-character sum up to hundreds of visual tokens it never saw)
+        # card's 262,144 pixels, would blow a 9-character sum up to hundreds of visual tokens it never saw)
         with contextlib.redirect_stdout(io.StringIO()):  # evaluate.py's own table: we print ours
             evaluate.main(["--bench", "custom", "--data", str(files[f"{split}-{modality}"]), "--model", str(model),
-                           "--template", "train", "--max-pixels", "0", "--max-new-tokens", str(budget + 16), "--think-budget",
-                           str(budget), "--answer-budget", "16", "--batch-size", "64", "--out", str(where)])
+                           "--template", "train", "--max-pixels", "0", "--max-new-tokens", str(budget + 16),
+                           "--think-budget", str(budget), "--answer-budget", "16", "--batch-size", "100",
+                           "--out", str(where)])
         records = [json.loads(line) for line in (where / "custom.jsonl").read_text().splitlines()]
-        thought = sum("</think>" in r["response"] and
-                      r["response"].split("</think>")[0].replace("<think>", "").strip() != "" for r in records)
-        result[modality] = {"accuracy": 100 * sum(r["correct"] for r in records) / len(records),
-                            "thought": 100 * thought / len(records), "tokens": sum(r["tokens"] for r in records)
-                            / len(records)}
+        thoughts = [r["response"].split("</think>")[0].replace("<think>", "").strip().splitlines()
+                    if "</think>" in r["response"] else [] for r in records]
+        n = len(records)
+        read = [reading(t[0] if t else "", r["id"]) for t, r in zip(thoughts, records)]
+        result[modality] = {"accuracy": 100 * sum(r["correct"] for r in records) / n,
+                            # a worked thought: more lines than the restated sum the base already writes
+                            "thought": 100 * sum(len(t) > 1 for t in thoughts) / n,
+                            "read": 100 * sum(r[0] for r in read) / n,
+                            "read_first": 100 * sum(r[1] for r in read) / n,
+                            "read_second": 100 * sum(r[2] for r in read) / n,
+                            "tokens": sum(r["tokens"] for r in records) / n}
     return result
+
+
+def reading(line, gold):
+    """Whether a thought's first line restates the sum `gold` ('4721+3856') exactly, and each operand."""
+    said, want = line.strip().split("+"), gold.split("+")
+    return (line.strip() == gold, len(said) == 2 and said[0] == want[0], len(said) == 2 and said[1] == want[1])
 
 
 def one_seed(args, seed):
@@ -222,27 +282,32 @@ def one_seed(args, seed):
     files = write_data(out / "data", args, seed)
     init = out / "init"
     if not (init / "config.json").exists():
+        head = args.hidden // 32
+        # every rotary frequency on the width axis: Qwen2.5-VL gives the width axis the lowest ones (t, h, w take
+        # the bands in that order), so a random ViT's columns all look alike to the language model (README)
         tiny.build(init, text=dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
+                                   num_hidden_layers=args.layers, num_attention_heads=head,
                                    num_key_value_heads=max(1, args.hidden // 96)),
                    vision=dict(depth=3, hidden_size=args.vision_hidden, intermediate_size=2 * args.vision_hidden,
                                num_heads=max(2, args.vision_hidden // 32), fullatt_block_indexes=[0, 1, 2]),
-                   seed=seed)
-    # the base in two steps, as a VLM is pre-trained to see before it is instruction-tuned: reading alone first
-    # (mixed with answers from the start, reading stayed at chance for 660 steps of seed 0), then the mix
-    seeing = stage("base, part 1: reading images", out / "read",
-                   sft_stage(init, files["read"], args.read_epochs, args, seed, ["--train-vision"]))
-    models = {"base": stage("base, part 2: reading and direct answers, text and images", out / "base",
-                            sft_stage(seeing, files["base"], args.base_epochs, args, seed, ["--train-vision"]))}
+                   seed=seed, sections=[0, 0, args.hidden // head // 2])
+    lm = stage("base a: language, text only", out / "language",
+               sft_stage(init, files["language"], args.lm_steps, args.lr, seed))
+    eyes = stage("base b: vision alignment, the language model frozen", out / "align",
+                 sft_stage(lm, files["align"], args.align_steps, args.align_lr, seed, ["--train-vision", "--freeze-text"]))
+    models = {"base": stage("base c: reading and direct answers, text and images", out / "base",
+                            sft_stage(eyes, files["joint"], args.joint_steps, args.lr, seed, ["--train-vision"]))}
+    frozen = ["--freeze-embeddings"]  # stage 1 and the control alike (README: why)
     models["sft"] = stage("stage 1: SFT on worked thoughts, text only", out / "sft",
-                          sft_stage(models["base"], files["sft"], args.sft_epochs, args, seed))
+                          sft_stage(models["base"], files["sft"], args.sft_steps, args.sft_lr, seed, frozen))
     models["grpo"] = stage("stage 2: GRPO, text only", out / "grpo", lambda o: grpo.main(
         ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", "16", "--group-size", "8",
-         "--max-new-tokens", str(16 + 12 * (args.digits + 2)), "--max-steps", str(args.grpo_steps),
-         "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0", "--micro-batch", "32", "--reward-processes", "1",
-         "--seed", str(seed), *o]))
+         "--max-new-tokens", str(thought_budget(args.digits) + 16), "--max-steps", str(args.grpo_steps),
+         "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0", "--micro-batch", "32", "--gen-batch", "128",
+         "--reward-processes", "1", "--seed", str(seed), *o]))
     models["control"] = stage("control: the same budget of direct answers, text only", out / "control",
-                              sft_stage(models["base"], files["control"], 1, args, seed))
+                              sft_stage(models["base"], files["control"], files["control_steps"], args.sft_lr, seed,
+                                        frozen))
     return {name: {split: measure(path, files, split, args, out / "eval" / name) for split in ("val", "test")}
             for name, path in models.items()}
 
@@ -252,6 +317,10 @@ def one_seed(args, seed):
 
 ROWS = [("base", "base: reads images, answers directly"), ("sft", "+ SFT on text thoughts (stage 1)"),
         ("grpo", "+ GRPO on text (stage 2)"), ("control", "control: base + direct-answer text training")]
+COLUMNS = [("text", "accuracy", "text accuracy %"), ("image", "accuracy", "image accuracy %"),
+           ("image", "thought", "image answers with a worked thought %"),
+           ("image", "read", "image thoughts that read the sum right %"),
+           ("image", "read_first", "... the first operand %"), ("image", "read_second", "... the second operand %")]
 
 
 def cell(values):
@@ -260,12 +329,20 @@ def cell(values):
 
 
 def table(results, split="test"):
-    """Markdown: accuracy on text and on images, and the share of image answers with a thought, per model."""
-    lines = ["| model | text accuracy % | image accuracy % | image answers with a thought % |", "|---|---|---|---|"]
+    """Markdown: accuracy on text and on images, and what the image answers' thoughts hold, per model."""
+    lines = ["| model | " + " | ".join(c[2] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for key, label in ROWS:
         runs = [r[key][split] for r in results.values()]
-        lines.append(f"| {label} | {cell([r['text']['accuracy'] for r in runs])} | "
-                     f"{cell([r['image']['accuracy'] for r in runs])} | {cell([r['image']['thought'] for r in runs])} |")
+        lines.append(f"| {label} | " + " | ".join(cell([r[m][k] for r in runs]) for m, k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def per_seed(results, split="test"):
+    """Markdown: text / image accuracy of every model for each seed (a mean over seeds can hide a split outcome)."""
+    lines = ["| seed | " + " | ".join(label for _, label in ROWS) + " |", "|---" * (len(ROWS) + 1) + "|"]
+    for seed, runs in results.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{runs[key][split]['text']['accuracy']:.0f} / "
+                                               f"{runs[key][split]['image']['accuracy']:.0f}" for key, _ in ROWS) + " |")
     return "\n".join(lines)
 
 
@@ -277,8 +354,8 @@ def main(argv=None):
     seeds = ", ".join(map(str, args.seeds))
     text = (f"{args.digits}-digit sums, {args.eval_items} held-out items per split, seeds {seeds}"
             f"{' (--quick)' if args.quick else ''}; mean (min-max) over seeds.\n\n"
-            f"Test split:\n\n{table(results)}\n\nValidation split (where settings were chosen):\n\n"
-            f"{table(results, 'val')}\n")
+            f"Test split:\n\n{table(results)}\n\nValidation split:\n\n{table(results, 'val')}\n\n"
+            f"Text / image accuracy % per seed, test split:\n\n{per_seed(results)}\n")
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(text)
