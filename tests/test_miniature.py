@@ -79,7 +79,7 @@ def read(path):
 def test_the_data_keeps_images_out_of_post_training_and_twins_in_evaluation(tmp_path):
     args = miniature.parse_args(["--quick"])
     files = miniature.write_data(tmp_path, args, seed=3)
-    rows = {name: read(path) for name, path in files.items() if name != "control_steps"}
+    rows = {name: read(path) for name, path in files.items()}
     text_only = ("language", "sft", "rl", "control")
     assert not any("images" in r or "<image" in json.dumps(r) for k in text_only for r in rows[k])
     assert all("images" in r for r in rows["align"]) and sum("images" in r for r in rows["joint"]) == 3 * len(
@@ -91,7 +91,7 @@ def test_the_data_keeps_images_out_of_post_training_and_twins_in_evaluation(tmp_
         drawn = a if "<image 1>+" in r["messages"][0]["content"] else b
         assert r["images"] == [f"images/{drawn}.png"] and (tmp_path / r["images"][0]).exists()
     # the control spends the budget of stages 1 and 2: SFT sequences plus GRPO's 16 prompts x 8 samples a step
-    assert files["control_steps"] * miniature.BATCH >= miniature.BATCH * args.sft_steps + 16 * 8 * args.grpo_steps
+    assert miniature.control_steps(args) * miniature.BATCH >= miniature.BATCH * args.sft_steps + 16 * 8 * args.grpo_steps
     for r in rows["control"]:  # direct answers: the sum restated, no working
         a, b = re.findall(r"<think>\n([0-9]+)[+]([0-9]+)\n</think>", r["messages"][1]["content"])[0]
         assert r["messages"][1]["content"].endswith(f"<answer>{int(a) + int(b)}</answer>")

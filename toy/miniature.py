@@ -49,6 +49,7 @@ import sft  # noqa: E402
 from toy import tiny  # noqa: E402
 
 BATCH = 32  # sequences per optimizer step in every SFT part (ours)
+PROMPTS, GROUP = 16, 8  # a GRPO step's prompts and samples per prompt (ours; B.2: 128 x 8)
 
 
 def parse_args(argv=None):
@@ -175,7 +176,7 @@ def write_data(folder, args, seed):
     (folder / "images").mkdir(parents=True, exist_ok=True)
     test, val, base, xr, rl, control = problems(seed, args.digits, [args.eval_items, args.eval_items,
                                                                     args.base_problems, args.sft_problems,
-                                                                    16 * args.grpo_steps, args.sft_problems])
+                                                                    PROMPTS * args.grpo_steps, args.sft_problems])
     rng = random.Random(seed)
 
     def picture(*terms):  # the sum, or one operand alone
@@ -195,8 +196,6 @@ def write_data(folder, args, seed):
     rows = {"language": copy + answer, "align": read, "joint": read + answer + look + half}
     rows["sft"] = [{"question": ask(a, b), "response": worked(a, b)} for a, b in xr]
     rows["rl"] = [{"question": ask(a, b), "answer": str(a + b)} for a, b in rl]
-    # the control: as many training sequences as stages 1 and 2 use together, all direct answers on text
-    budget = BATCH * args.sft_steps + 16 * 8 * args.grpo_steps
     rows["control"] = [chat(ask(a, b), direct(a, b)) for a, b in control]
     for split, items in (("test", test), ("val", val)):
         rows[f"{split}-text"] = [{"id": f"{a}+{b}", "question": QUESTION.format(expression(a, b)), "answer": a + b}
@@ -205,9 +204,12 @@ def write_data(folder, args, seed):
                                    "images": [picture(a, b)]} for a, b in items]
     for name, part in rows.items():
         data.write_jsonl(str(folder / f"{name}.jsonl"), part)
-    files = {name: folder / f"{name}.jsonl" for name in rows}
-    files["control_steps"] = math.ceil(budget / BATCH)
-    return files
+    return {name: folder / f"{name}.jsonl" for name in rows}
+
+
+def control_steps(args):
+    """The control's SFT steps: as many training sequences as stages 1 and 2 use together."""
+    return math.ceil((BATCH * args.sft_steps + PROMPTS * GROUP * args.grpo_steps) / BATCH)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def sft_stage(model, rows, steps, lr, seed, extra=()):
     """sft.py for `steps` steps of 32 sequences at a constant lr after a 5% warm-up, gradients clipped at 1
     (reading images was not learned without the clip: README), every batch a random draw (--window 1: sft.py's
     length grouping would make base c's batches all reading rows or all answers, and its model read images worse)."""
-    n = sum(1 for _ in open(rows))
+    n = len(Path(rows).read_text().splitlines())
     return lambda out: sft.main(["--model", str(model), "--data", str(rows), "--epochs", str(math.ceil(steps * BATCH / n)),
                                  "--max-steps", str(steps), "--global-batch", str(BATCH), "--micro-batch", str(BATCH),
                                  "--lr", str(lr), "--lr-decay", "1.0", "--warmup", "0.05", "--grad-clip", "1.0",
@@ -273,8 +275,9 @@ def measure(model, files, split, args, out):
 
 def reading(line, gold):
     """Whether a thought's first line restates the sum `gold` ('4721+3856') exactly, and each operand."""
-    said, want = line.strip().split("+"), gold.split("+")
-    return (line.strip() == gold, len(said) == 2 and said[0] == want[0], len(said) == 2 and said[1] == want[1])
+    line = line.strip()
+    said, want = line.split("+"), gold.split("+")
+    return (line == gold, len(said) == 2 and said[0] == want[0], len(said) == 2 and said[1] == want[1])
 
 
 def one_seed(args, seed):
@@ -301,12 +304,12 @@ def one_seed(args, seed):
     models["sft"] = stage("stage 1: SFT on worked thoughts, text only", out / "sft",
                           sft_stage(models["base"], files["sft"], args.sft_steps, args.sft_lr, seed, frozen))
     models["grpo"] = stage("stage 2: GRPO, text only", out / "grpo", lambda o: grpo.main(
-        ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", "16", "--group-size", "8",
+        ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP),
          "--max-new-tokens", str(thought_budget(args.digits) + 16), "--max-steps", str(args.grpo_steps),
-         "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0", "--micro-batch", "32", "--gen-batch", "128",
+         "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0", "--micro-batch", "32", "--gen-batch", str(PROMPTS * GROUP),
          "--reward-processes", "1", "--seed", str(seed), *o]))
     models["control"] = stage("control: the same budget of direct answers, text only", out / "control",
-                              sft_stage(models["base"], files["control"], files["control_steps"], args.sft_lr, seed,
+                              sft_stage(models["base"], files["control"], control_steps(args), args.sft_lr, seed,
                                         frozen))
     return {name: {split: measure(path, files, split, args, out / "eval" / name) for split in ("val", "test")}
             for name, path in models.items()}
