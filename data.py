@@ -1,22 +1,20 @@
-"""Data and models for X-Reasoner (arXiv 2505.03981): prompts, dataset rows -> model inputs, loading.
+"""Data and models for X-Reasoner (arXiv 2505.03981): the paper's prompts, dataset rows -> model inputs, loading.
 
-Every stage imports this file; it holds no training logic. Three things live here:
+Every stage imports this file; it holds no training logic. In pipeline order:
 
-1. What the paper prints: its prompt templates (appendix C), word for word, and its published numbers, each with
-   the figure or table it comes from (evaluate.py --compare sets them beside ours).
-2. Row converters for the two training sets, in their published schemas:
-   - SFT: OpenThoughts-114k (`system`, `conversations=[{from: user}, {from: assistant}]`), the assistant
-     value wrapped in <|begin_of_thought|> ... <|end_of_solution|>. We rewrite it to the paper's
-     `<think>...</think><answer>...</answer>` format and mask the loss to the assistant's tokens.
-   - RL: Orz-math-57k (a JSON list of `[{from: human, value}, {from: assistant, ground_truth: {value}}]`),
-     plus MedQA-style multiple-choice rows for the X-Reasoner-Med continuation.
-   - Evaluation: each benchmark's row (MMMU's string-repr options and image_1..7, MathVista's choices, ...)
-     reduced to one task dict; evaluate.py says which converter serves which benchmark, load_benchmark reads
-     them, and read_records reads back evaluate.py's per-sample records.
-   Malformed rows are counted and skipped with a message, never dropped silently.
-3. Model loading through `from_pretrained`, including `--model tiny`: a few-layer Qwen2.5-VL built once,
-   offline, with the real transformers classes and the real processor (toy/tiny.py), so every stage runs on a
-   CPU through exactly the code path that loads Qwen/Qwen2.5-VL-7B-Instruct.
+- What the paper prints: its prompt templates (appendix C), word for word (its published numbers are in
+  evaluate.py, beside the benchmarks).
+- SFT rows: OpenThoughts-114k (`conversations=[{from: user}, {from: assistant}]`, the reply wrapped in
+  <|begin_of_thought|> ... <|end_of_solution|>) rewritten to the paper's `<think>...</think><answer>...</answer>`,
+  the loss masked to the assistant's tokens; tokenized once per machine into a file every rank maps.
+- RL rows: Orz-math-57k (`[{from: human, value}, {from: assistant, ground_truth: {value}}]`), plus MedQA-style
+  multiple-choice rows for the X-Reasoner-Med continuation.
+- Benchmark rows: each benchmark's row (MMMU's string-repr options and image_1..7, MathVista's choices, ...)
+  reduced to one task dict; evaluate.py says which converter serves which benchmark.
+- Models through `from_pretrained`, `--model tiny` included: a few-layer Qwen2.5-VL built once, offline, with the
+  real transformers classes and processor (toy/tiny.py), loaded exactly as Qwen/Qwen2.5-VL-7B-Instruct is.
+
+Malformed rows are counted and skipped with a message, never dropped silently.
 
     python data.py --model tiny           # build (if needed) and print the tiny checkpoint's path
     python data.py --sft toy              # convert the toy SFT set and print its statistics
@@ -24,13 +22,23 @@ Every stage imports this file; it holds no training logic. Three things live her
 import argparse
 import ast
 import hashlib
+import io
 import json
 import os
+import random
 import re
+import shutil
 import sys
+import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
+
+# torch, transformers, PIL and the token file (torch) are imported where they are used, each marked "heavy":
+# `import data` stays light for the processes that only read rows (a test holds it to that).
+
+from plumbing.cli import DataError, check_model_dir, cli
+from toy import tiny
 
 # ----------------------------------------------------------------------------------------------------
 # The paper's prompts (appendix C), verbatim.
@@ -59,66 +67,6 @@ OPTIONS_SUFFIX = " Options:\n\n{options}"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # ----------------------------------------------------------------------------------------------------
-# The paper's numbers (arXiv 2505.03981 v1), each with where it is printed: F1 = Figure 1 (values printed on the
-# bars; also readme_files/fig1.png in github.com/microsoft/x-reasoner), T5 = Table 5 (greedy), T8 = Table 8, ...
-# Models: base = Qwen2.5-VL-7B-Instruct, sota = the previous 7B-scale state of the art the paper compares with,
-# xr = X-Reasoner, med = X-Reasoner-Med. Where two places print different numbers for the same thing (MMMU base:
-# 53.2 in F1, 53.0 in T5) both are kept. Figures 3-4 (avg/maj/pass@5) are left out: their bar labels cannot be
-# matched to bars from the text.
-PAPER_MODELS = {"base": "Qwen2.5-VL-7B", "sota": "prev. 7B SOTA", "xr": "X-Reasoner", "med": "X-Reasoner-Med"}
-PAPER_TABLE = """
-# benchmark        base  sota  xr    med   source
-gsm8k              84.9  87.2  88.2  -     F1
-mmlu-pro           47.6  52.1  52.6  -     F1
-mmmu-pro           38.7  40.7  43.0  -     F1
-mmmu               53.2  55.0  56.4  -     F1
-medqa              56.3  71.6  62.3  72.4  F1
-mmlu-pro-health    47.8  56.4  51.3  58.7  F1
-mmmu-health        56.7  57.3  60.0  64.0  F1
-medxpertqa-mm      22.2  23.8  23.8  26.4  F1
-# T5's sota: the best other 7B/8B row: MAmmoTH-VL2-7B (MMMU-Pro, MathVista), Mulberry-7B (MMMU), R1-Onevision-7B
-mmmu               53.0  55.0  56.4  -     T5
-mmmu-pro           38.7  40.7  43.0  -     T5
-mathvista          62.8  68.1  69.0  -     T5
-mathvision         25.0  29.9  29.6  -     T5
-# T8 names each SOTA model; its MMLU-Pro-H entry (HuatuoGPT-o1-7B, replicated) differs from F1's
-mmlu-pro-health    -     54.3  -     -     T8
-# T4: the same recipe as a study (SFT + RL), before the final run; the only X-Reasoner number for NEJM
-mmlu-pro           47.6  -     53.3  -     T4
-mmlu-pro-health    47.8  -     53.1  -     T4
-mmmu-pro           38.3  -     42.5  -     T4
-nejm               41.8  -     45.7  -     T4
-# T3 and T1 (also T9): the baseline with the CoT template. T1 and T9 say "MedQA"; §3.2 calls the original 5-option
-# set "MedQA", and their 50.5 is not F1's 4-option 56.3, so we file it under medqa-5.
-mmlu-pro-health    47.8  -     -     -     T3
-omnimedvqa         57.4  -     -     -     T3
-gsm8k              86.0  -     -     -     T3
-mathvision         24.7  -     -     -     T3
-medqa-5            50.5  -     -     -     T1
-mmmu-pro           38.3  -     -     -     T1
-mmmu-pro-health    34.3  -     -     -     T1
-"""
-PAPER = [(bench, model, float(value), source)  # (benchmark, model, accuracy %, source), one per number above
-         for line in PAPER_TABLE.strip().splitlines() if not line.startswith("#")
-         for bench, *values, source in [line.split()] for model, value in zip(PAPER_MODELS, values) if value != "-"]
-# Table 6: items left after removing those solved text-only (3 image-free samples per item, per model), and the
-# accuracy of both models on that shared remainder: benchmark -> (original, text-solvable, remaining, base, xr)
-TEXT_SOLVABLE = {"mmmu": (900, 308, 592, 39.3, 41.4), "mmmu-pro": (1730, 259, 1471, 33.4, 36.4),
-                 "mathvista": (1000, 257, 743, 57.9, 60.6), "mathvision": (3040, 448, 2592, 18.6, 21.8),
-                 "mmstar": (1500, 259, 1241, 56.6, 59.0)}
-
-
-def paper_numbers(bench):
-    """{model: "53.0 (T5); 53.2 (F1)"}: every number the paper prints for this benchmark, with its sources."""
-    cells = {}
-    for b, model, value, source in PAPER:
-        if b == bench:
-            cells.setdefault(model, {}).setdefault(value, []).append(source)
-    return {m: "; ".join(f"{v} ({', '.join(s)})" for v, s in sorted(by_value.items(), key=lambda x: x[1][0]))
-            for m, by_value in cells.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
 # Default sources (the paper's). Each also accepts a local .json/.jsonl/.parquet path.
 OPENTHOUGHTS = "open-thoughts/OpenThoughts-114k"
 ORZ_MATH_URL = ("https://github.com/Open-Reasoner-Zero/Open-Reasoner-Zero/raw/refs/heads/main/"
@@ -128,10 +76,6 @@ TOY_DIR = Path(__file__).resolve().parent / "toy"
 TOY = {"sft": TOY_DIR / "sft.jsonl", "rl": TOY_DIR / "rl.json", "mathvista": TOY_DIR / "mathvista.json"}
 CACHE = Path(os.environ.get("XREASONER_CACHE", Path.home() / ".cache" / "x-reasoner"))
 IM_END = "<|im_end|>"
-
-
-class DataError(ValueError):
-    """Bad input the user can fix (missing file, unusable dataset); scripts print it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,7 +93,7 @@ def read_rows(source, split="train", toy=None, config=None):
         if path.suffix == ".jsonl":
             return list(iter_jsonl(path))
         if path.suffix == ".parquet":
-            import datasets
+            import datasets  # heavy, and needed only for parquet and hub sources
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
         raise DataError(f"{source}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")
     if source.startswith(("http://", "https://")):
@@ -165,7 +109,7 @@ def read_rows(source, split="train", toy=None, config=None):
     if path.suffix in (".json", ".jsonl", ".parquet") or source.startswith((".", "/")):
         raise DataError(f"{source}: no such file")
     try:
-        import datasets
+        import datasets  # heavy, and needed only for parquet and hub sources
         return datasets.load_dataset(source, config, split=split)
     except Exception as e:  # noqa: BLE001 - offline, typo, gated: all end in the same advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -192,46 +136,6 @@ def iter_jsonl(path):
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     yield ValueError(f"{path} line {n} is not JSON ({e.msg})")
-
-
-def read_ids(paths, bench):
-    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
-    "bench<TAB>id" (as --text-solvable-out writes them)."""
-    ids = set()
-    for path in paths:
-        text = Path(path).read_text()
-        if text.lstrip().startswith("["):
-            ids |= set(map(str, json.loads(text)))
-            continue
-        for line in filter(str.strip, text.splitlines()):
-            b, tab, i = line.rstrip("\n").partition("\t")
-            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
-    return ids
-
-
-def write_solvable(path, bench, ids):
-    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
-    path = Path(path)
-    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if not line.startswith(bench + "\t")]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
-    tmp.replace(path)
-
-
-def read_records(out, bench):
-    """evaluate.py's per-sample records for `bench` in `out`, by (id, sample), from every rank's file."""
-    records, bad = {}, 0
-    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                records[(r["id"], r["sample"])] = r
-            except (json.JSONDecodeError, KeyError):
-                bad += 1  # a line cut short by a crash: that sample is generated again
-    if bad:
-        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
-    return records
 
 
 def iter_rows(source, toy=None):
@@ -299,11 +203,10 @@ def options_list(value):
 
 def load_image(value, root=None):
     """An RGB PIL image from a decoded hub image, a {bytes, path} dict or a path (relative to `root`)."""
-    from PIL import Image
+    from PIL import Image  # heavy
     if hasattr(value, "convert"):
         return value.convert("RGB")
     if isinstance(value, dict) and value.get("bytes"):
-        import io
         return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
     path = Path(value["path"] if isinstance(value, dict) else value)
     path = path if path.is_absolute() or root is None else Path(root) / path
@@ -313,113 +216,7 @@ def load_image(value, root=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark rows (evaluate.py) -> one task dict: question, options, answer (a letter when there are options)
-
-def task(question, answer, options=None, images=(), pid=None, letter=True, open_ended=False):
-    """A benchmark row reduced to what the prompt and the judge need (`answer`: a letter when there are options)."""
-    if answer is None or str(answer).strip() == "":
-        raise ValueError("row has no answer")
-    options = options or None
-    answer = str(answer).strip()
-    if options and letter and not (len(answer) == 1 and "A" <= answer.upper() < LETTERS[len(options)]):
-        raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
-    return {"id": str(pid), "question": str(question).strip(), "options": options, "open": open_ended,
-            "answer": answer.upper() if options and letter else answer, "images": [i for i in images if i]}
-
-
-MMMU_SUBJECTS = ("Accounting Agriculture Architecture_and_Engineering Art Art_Theory Basic_Medical_Science Biology "
-                 "Chemistry Clinical_Medicine Computer_Science Design Diagnostics_and_Laboratory_Medicine Economics "
-                 "Electronics Energy_and_Power Finance Geography History Literature Manage Marketing Materials Math "
-                 "Mechanical_Engineering Music Pharmacy Physics Psychology Public_Health Sociology").split()
-MMMU_HEALTH = ("Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Medicine Pharmacy "
-               "Public_Health").split()
-
-
-def mmmu_subject(row):  # MMMU-Pro rows name it; MMMU's ids hold it: validation_Art_12
-    return (row.get("subject") or re.sub(r"^[a-z]+_|_\d+$", "", str(row.get("id", "")))).replace(" ", "_")
-
-
-def mmmu_task(row):  # MMMU and MMMU-Pro: options as a string repr, images in image_1..image_7
-    is_open = row.get("question_type") == "open"  # free form, judged by MMMU's parse_open_response
-    return task(row["question"], row["answer"], [] if is_open else options_list(row.get("options")),
-                [row.get(f"image_{k}") for k in range(1, 8)], row["id"], open_ended=is_open)
-
-
-def mathvista_task(row):  # the answer is a choice's text, not a letter
-    return task(row["question"] + (f" (Unit: {row['unit']})" if row.get("unit") else ""), row["answer"],
-                row.get("choices") if row["question_type"] == "multi_choice" else None,
-                [row.get("decoded_image") or row.get("image")], row["pid"], letter=False)
-
-
-def mmstar_task(row):  # options live in the question: "...\nOptions: A: x, B: y, C: z, D: w"
-    stem, _, opts = row["question"].rpartition("Options:")
-    options = [o.strip().rstrip(",").strip() for o in re.split(r"(?:^|,\s*)[A-F]:\s", opts.strip())[1:]]
-    return task(stem or row["question"], row["answer"], options, [row["image"]], row["index"])
-
-
-def omnimed_task(row):  # OmniMedVQA: option_A..option_D, the answer as the option's text
-    options = [row[f"option_{k}"] for k in "ABCDEF" if row.get(f"option_{k}") not in (None, "")]
-    answer = LETTERS[options.index(row["gt_answer"])]  # ValueError (counted) if the answer is no option
-    return task(row["question"], answer, options, [row["image_path"]], row["question_id"])
-
-
-def fields(question, answer, options=None, images=None, pid="id", strip=None):
-    """A task() maker for a schema given by field names (images: one path/image or a list of them)."""
-    def make(row):
-        ims = row.get(images) if images else None
-        q = row[question].split(strip)[0] if strip else row[question]
-        return task(q, row[answer], options_list(row.get(options)) if options else None,
-                    ims if isinstance(ims, list) else [ims], row.get(pid, zlib.crc32(row[question].encode())))
-    return make
-
-
-TOY_BENCH = {"mathvista": TOY["mathvista"], "mmmu": TOY_DIR / "mmmu.json", "mmmu-pro": TOY_DIR / "mmmu_pro.json",
-             "medqa": TOY_DIR / "medqa.jsonl", "mmlu-pro": TOY_DIR / "mmlu_pro.json"}  # offline fixtures
-
-
-def load_benchmark(bench, spec, source=None, image_root=None, images=True, exclude=(), limit=None):
-    """Benchmark `bench` (evaluate.BENCHMARKS[bench] is `spec`) from the hub, a local file or directory, or `toy`:
-    (tasks with images loaded, rows skipped). Malformed rows and missing images are counted, then skipped;
-    `exclude` (ids) and `limit` (first N rows) apply before any image is read."""
-    if source is None and spec["hub"] is None:
-        raise DataError(f"{bench}: no public hub copy; pass --data {bench}=PATH (schema in evaluate.py)")
-    if source == "toy":
-        if bench not in TOY_BENCH:
-            raise DataError(f"{bench}: no toy fixture (toy fixtures: {', '.join(TOY_BENCH)})")
-        source = str(TOY_BENCH[bench])
-    if source is not None:
-        files = sorted(p for p in Path(source).glob("*") if p.suffix in (".json", ".jsonl", ".parquet")) \
-            if Path(source).is_dir() else [source]
-        rows = [r for f in files for r in read_rows(str(f))]
-        root = image_root or (source if Path(source).is_dir() else Path(source).parent)
-    else:
-        rows = [r for c in spec["configs"] for r in read_rows(spec["hub"], spec["split"], config=c)]
-        root = image_root
-    rows = [r for r in rows if spec.get("keep", lambda r: True)(r)]
-    if source is None and len(rows) != spec["n"]:
-        print(f"{bench}: {len(rows)} rows where the dataset card has {spec['n']}", file=sys.stderr)
-    if spec.get("sample") and len(rows) > spec["sample"]:
-        import random
-        rows = random.Random(0).sample(rows, spec["sample"])
-    if exclude or limit:
-        def wanted(row):
-            try:
-                return spec["task"](row)["id"] not in exclude
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                return True  # malformed: convert_rows counts it
-        rows = [r for r in rows if wanted(r)][:limit]
-
-    def convert(row):
-        t = spec["task"](row)
-        return t | {"images": [load_image(im, root) for im in t["images"]] if images else [], "row": row}
-    tasks = convert_rows(rows, convert, bench)
-    if len({t["id"] for t in tasks}) != len(tasks):
-        raise DataError(f"{bench}: item ids are not unique")
-    return tasks, len(rows) - len(tasks)
-
-
-# ----------------------------------------------------------------------------------------------------
-# SFT rows: OpenThoughts-114k -> paper format -> (input_ids, labels)
+# SFT rows: OpenThoughts-114k -> paper format -> (input_ids, labels), tokenized once per machine
 
 def parse_openthoughts(row):
     """(question, assistant text in the paper's format) from one OpenThoughts-114k row."""
@@ -517,32 +314,10 @@ def sft_example(question, answer, processor, max_len, images=(), template=TRAIN_
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "images": paths}
 
 
-def load_sft_data(source, processor, max_len=4096, build=True, wait=None, report=True):
-    """The tokenized SFT set (SFTSet), from a cache tokenized once per machine (sft_cache). Under torchrun the
-    ranks with `build` (local rank 0) make it while the others wait in `wait()`, then all of them map it."""
-    path = sft_cache(source, processor, max_len)
-    error = None
-    if build and not (path / "meta.json").exists():
-        try:
-            build_sft_cache(source, processor, max_len, path)
-        except DataError as e:  # every rank must still reach wait(), or the others would hang
-            error = e
-    if wait is not None and wait(error is not None):
-        raise error or DataError(f"sft data: preparing {source} failed on another rank (its error says why)")
-    if error:
-        raise error
-    examples = SFTSet(path)
-    m = examples.meta
-    if report:
-        print(f"sft data: {len(examples)} examples, {m['truncated']} truncated to {max_len} tokens"
-              + (f", {m['skipped']} malformed rows skipped" if m["skipped"] else "") + f" (cache {path})",
-              file=sys.stderr)
-    return examples
+def sft_row(row, processor, max_len, root):
+    """One SFT row of any schema, tokenized: the token file's row function (it runs in the tokenizing workers)."""
+    return sft_example(*parse_sft_row(row), processor, max_len, row.get("images") or [], sft_template(row), root)
 
-
-# ----------------------------------------------------------------------------------------------------
-# The SFT set at scale: tokenized once per machine into an int32 file that every rank maps from disk. 114k
-# conversations of up to 4,096 tokens are ~1 GB as int32 but 15-20 GB as Python lists of ints, per rank.
 
 SFT_CACHE_VERSION = 1  # bump when sft_example's output changes
 
@@ -566,123 +341,30 @@ def sft_cache(source, processor, max_len):
     return CACHE / "sft" / hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _tokenize_chunk(rows):
-    """Worker: rows -> (int32 token bytes, length, first labeled position, truncated) or the error's text."""
-    import numpy as np
-    out = []
-    for row in rows:
+def load_sft_data(source, processor, max_len=4096, build=True, wait=None, report=True):
+    """The tokenized SFT set (tokens.TokenFile), tokenized once per machine (sft_cache). Under torchrun the
+    ranks with `build` (local rank 0) make it while the others wait in `wait()`, then all of them map it."""
+    from plumbing import tokens  # heavy
+    path = sft_cache(source, processor, max_len)
+    error = None
+    if build and not (path / "meta.json").exists():
         try:
-            if isinstance(row, Exception):
-                raise row
-            e = sft_example(*parse_sft_row(row), _WORKER["processor"], _WORKER["max_len"], row.get("images") or [],
-                            sft_template(row), _WORKER["root"])
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-            out.append(f"{type(err).__name__}: {err}")
-            continue
-        start = next(i for i, label in enumerate(e["labels"]) if label != -100)
-        if any(label == -100 for label in e["labels"][start:]):  # the reply is one span at the end
-            raise AssertionError("sft_example produced a non-contiguous label span")
-        out.append((np.asarray(e["input_ids"], dtype=np.int32).tobytes(), len(e["input_ids"]), start, e["truncated"],
-                    e["images"]))
-    return out
-
-
-_WORKER = {}
-
-
-def _init_worker(processor, max_len, root=None):
-    _WORKER.update(processor=processor, max_len=max_len, root=root)
-
-
-def _chunks(rows, size=256):
-    chunk = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def build_sft_cache(source, processor, max_len, path, processes=None):
-    """Tokenize every row once (in `processes` worker processes) into path/tokens.bin (int32, concatenated),
-    path/index.pt ((N, 3): offset, length, first labeled position) and path/meta.json; written aside, renamed."""
-    import multiprocessing
-    import shutil
-    import tempfile
-    import torch
-    from tqdm import tqdm
-    import itertools
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    root = Path(str(TOY["sft"]) if source == "toy" else source).parent  # where relative image paths start
-    _init_worker(processor, max_len, root)
-    rows = iter(iter_rows(source, toy="sft"))
-    head = list(itertools.islice(rows, 2048))
-    # A few thousand rows take seconds here; more go to worker processes. They start from a clean forkserver,
-    # not by forking this process, whose other threads may hold locks a forked child would wait on for ever
-    # (they import the launching script, so a script calling this guards its work with __name__ == "__main__").
-    pool = multiprocessing.get_context("forkserver").Pool(
-        processes or min(8, os.cpu_count() or 1), _init_worker, (processor, max_len, root)) \
-        if len(head) == 2048 else None
-    index, images, bad, first_error, truncated, offset = [], {}, 0, None, 0, 0
-    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar:
-        chunks = _chunks(itertools.chain(head, rows))
-        for results in (pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)):
-            for r in results:
-                if isinstance(r, str):
-                    bad, first_error = bad + 1, first_error or r
-                    continue
-                f.write(r[0])
-                if r[4]:
-                    images[len(index)] = r[4]
-                index.append((offset, r[1], r[2]))
-                offset, truncated = offset + r[1], truncated + r[3]
-            bar.update(len(results))
-    if pool:
-        pool.close()
-        pool.join()
-    if not index:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"sft data: no usable rows ({bad} malformed; first: {first_error})")
-    if bad:
-        print(f"sft data: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})", file=sys.stderr)
-    torch.save(torch.tensor(index, dtype=torch.int64), tmp / "index.pt")
-    if images:  # example index -> its image paths, read again when a batch is made
-        (tmp / "images.json").write_text(json.dumps(images))
-    (tmp / "meta.json").write_text(json.dumps({"source": str(source), "examples": len(index), "tokens": offset,
-                                               "truncated": truncated, "skipped": bad, "max_len": max_len}))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another machine sharing this cache finished first; its files are the same
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class SFTSet:
-    """The tokenized SFT set, mapped from disk: only the pages a rank reads become resident."""
-
-    def __init__(self, path):
-        import torch
-        index = torch.load(Path(path) / "index.pt")  # (N, 3): offset, length, first labeled position
-        self.meta = json.loads((Path(path) / "meta.json").read_text())
-        self.offsets, self.label_starts = index[:, 0].tolist(), index[:, 2].tolist()
-        self.lengths = index[:, 1].tolist()
-        # tokens each sequence is trained to predict (position 0 predicts nothing)
-        self.n_target = (index[:, 1] - index[:, 2].clamp(min=1)).tolist()
-        self.tokens = torch.from_file(str(Path(path) / "tokens.bin"), shared=False, size=self.meta["tokens"],
-                                      dtype=torch.int32)
-        images = Path(path) / "images.json"
-        self.images = {int(k): v for k, v in json.loads(images.read_text()).items()} if images.exists() else {}
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __getitem__(self, i):
-        ids = self.tokens[self.offsets[i]:self.offsets[i] + self.lengths[i]].long()
-        labels = ids.clone()
-        labels[:self.label_starts[i]] = -100
-        return {"input_ids": ids, "labels": labels, "images": self.images.get(i, [])}
+            root = Path(str(TOY["sft"]) if source == "toy" else source).parent  # where relative image paths start
+            tokens.build(iter_rows(source, toy="sft"), sft_row, (processor, max_len, root), path, "sft data",
+                         meta={"source": str(source), "max_len": max_len})
+        except DataError as e:  # every rank must still reach wait(), or the others would hang
+            error = e
+    if wait is not None and wait(error is not None):
+        raise error or DataError(f"sft data: preparing {source} failed on another rank (its error says why)")
+    if error:
+        raise error
+    examples = tokens.TokenFile(path)
+    m = examples.meta
+    if report:
+        print(f"sft data: {len(examples)} examples, {m['truncated']} truncated to {max_len} tokens"
+              + (f", {m['skipped']} malformed rows skipped" if m["skipped"] else "") + f" (cache {path})",
+              file=sys.stderr)
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,132 +395,150 @@ def load_rl_data(source):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Benchmark rows (evaluate.py) -> one task dict: question, options, answer (a letter when there are options)
+
+def task(question, answer, options=None, images=(), pid=None, letter=True, open_ended=False):
+    """A benchmark row reduced to what the prompt and the judge need (`answer`: a letter when there are options)."""
+    if answer is None or str(answer).strip() == "":
+        raise ValueError("row has no answer")
+    options = options or None
+    answer = str(answer).strip()
+    if options and letter and not (len(answer) == 1 and "A" <= answer.upper() < LETTERS[len(options)]):
+        raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
+    return {"id": str(pid), "question": str(question).strip(), "options": options, "open": open_ended,
+            "answer": answer.upper() if options and letter else answer, "images": [i for i in images if i]}
+
+
+MMMU_SUBJECTS = ("Accounting Agriculture Architecture_and_Engineering Art Art_Theory Basic_Medical_Science Biology "
+                 "Chemistry Clinical_Medicine Computer_Science Design Diagnostics_and_Laboratory_Medicine Economics "
+                 "Electronics Energy_and_Power Finance Geography History Literature Manage Marketing Materials Math "
+                 "Mechanical_Engineering Music Pharmacy Physics Psychology Public_Health Sociology").split()
+MMMU_HEALTH = ("Basic_Medical_Science Clinical_Medicine Diagnostics_and_Laboratory_Medicine Pharmacy "
+               "Public_Health").split()
+
+
+def mmmu_subject(row):  # MMMU-Pro rows name it; MMMU's ids hold it: validation_Art_12
+    return (row.get("subject") or re.sub(r"^[a-z]+_|_\d+$", "", str(row.get("id", "")))).replace(" ", "_")
+
+
+def mmmu_task(row):  # MMMU and MMMU-Pro: options as a string repr, images in image_1..image_7
+    is_open = row.get("question_type") == "open"  # free form, judged by MMMU's parse_open_response
+    return task(row["question"], row["answer"], [] if is_open else options_list(row.get("options")),
+                [row.get(f"image_{k}") for k in range(1, 8)], row["id"], open_ended=is_open)
+
+
+def mathvista_task(row):  # the answer is a choice's text, not a letter
+    return task(row["question"] + (f" (Unit: {row['unit']})" if row.get("unit") else ""), row["answer"],
+                row.get("choices") if row["question_type"] == "multi_choice" else None,
+                [row.get("decoded_image") or row.get("image")], row["pid"], letter=False)
+
+
+def mmstar_task(row):  # options live in the question: "...\nOptions: A: x, B: y, C: z, D: w"
+    stem, _, opts = row["question"].rpartition("Options:")
+    options = [o.strip().rstrip(",").strip() for o in re.split(r"(?:^|,\s*)[A-F]:\s", opts.strip())[1:]]
+    return task(stem or row["question"], row["answer"], options, [row["image"]], row["index"])
+
+
+def omnimed_task(row):  # OmniMedVQA: option_A..option_D, the answer as the option's text
+    options = [row[f"option_{k}"] for k in "ABCDEF" if row.get(f"option_{k}") not in (None, "")]
+    answer = LETTERS[options.index(row["gt_answer"])]  # ValueError (counted) if the answer is no option
+    return task(row["question"], answer, options, [row["image_path"]], row["question_id"])
+
+
+def fields(question, answer, options=None, images=None, pid="id", strip=None):
+    """A task() maker for a schema given by field names (images: one path/image or a list of them)."""
+    def make(row):
+        ims = row.get(images) if images else None
+        q = row[question].split(strip)[0] if strip else row[question]
+        return task(q, row[answer], options_list(row.get(options)) if options else None,
+                    ims if isinstance(ims, list) else [ims], row.get(pid, zlib.crc32(row[question].encode())))
+    return make
+
+
+TOY_BENCH = {"mathvista": TOY["mathvista"], "mmmu": TOY_DIR / "mmmu.json", "mmmu-pro": TOY_DIR / "mmmu_pro.json",
+             "medqa": TOY_DIR / "medqa.jsonl", "mmlu-pro": TOY_DIR / "mmlu_pro.json"}  # offline fixtures
+
+
+def load_benchmark(bench, spec, source=None, image_root=None, images=True, exclude=(), limit=None):
+    """Benchmark `bench` (evaluate.BENCHMARKS[bench] is `spec`) from the hub, a local file or directory, or `toy`:
+    (tasks with images loaded, rows skipped). Malformed rows and missing images are counted, then skipped;
+    `exclude` (ids) and `limit` (first N rows) apply before any image is read."""
+    if source is None and spec["hub"] is None:
+        raise DataError(f"{bench}: no public hub copy; pass --data {bench}=PATH (schema in evaluate.py)")
+    if source == "toy":
+        if bench not in TOY_BENCH:
+            raise DataError(f"{bench}: no toy fixture (toy fixtures: {', '.join(TOY_BENCH)})")
+        source = str(TOY_BENCH[bench])
+    if source is not None:
+        files = sorted(p for p in Path(source).glob("*") if p.suffix in (".json", ".jsonl", ".parquet")) \
+            if Path(source).is_dir() else [source]
+        rows = [r for f in files for r in read_rows(str(f))]
+        root = image_root or (source if Path(source).is_dir() else Path(source).parent)
+    else:
+        rows = [r for c in spec["configs"] for r in read_rows(spec["hub"], spec["split"], config=c)]
+        root = image_root
+    rows = [r for r in rows if spec.get("keep", lambda r: True)(r)]
+    if source is None and len(rows) != spec["n"]:
+        print(f"{bench}: {len(rows)} rows where the dataset card has {spec['n']}", file=sys.stderr)
+    if spec.get("sample") and len(rows) > spec["sample"]:
+        rows = random.Random(0).sample(rows, spec["sample"])
+    if exclude or limit:
+        def wanted(row):
+            try:
+                return spec["task"](row)["id"] not in exclude
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                return True  # malformed: convert_rows counts it
+        rows = [r for r in rows if wanted(r)][:limit]
+
+    def convert(row):
+        t = spec["task"](row)
+        return t | {"images": [load_image(im, root) for im in t["images"]] if images else [], "row": row}
+    tasks = convert_rows(rows, convert, bench)
+    if len({t["id"] for t in tasks}) != len(tasks):
+        raise DataError(f"{bench}: item ids are not unique")
+    return tasks, len(rows) - len(tasks)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Models: from_pretrained for everything; `tiny` is built locally once (toy/tiny.py), then read back the same way
 
 TINY = ("tiny", "tiny-text")  # names of the locally built models
 
 
+def tiny_corpus():
+    """What the tiny tokenizer is trained on: the paper's templates and the toy data, so prompts stay short."""
+    return [TRAIN_PROMPT, EVAL_MC_PROMPT, EVAL_MATH_PROMPT, OPTIONS_SUFFIX, "You are a helpful assistant."] + \
+        [path.read_text() for path in TOY.values() if path.exists()]
+
 
 def check_model(name):
-    """Fail at once, in one line, on a --model that cannot load: a path that does not exist and is no hub id, a
-    directory without a readable config.json, missing or truncated weight files (their headers say how long
-    they must be). A hub id passes: only the hub can tell."""
-    path = Path(name)
-    if name in TINY:
-        return
-    if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(".") and not path.parent.is_dir():
-            return  # "org/name", and no local directory "org" it could be a path into
-        raise DataError(f"--model {name}: no such directory, and not a hub id")
-    if not path.is_dir():
-        raise DataError(f"--model {name}: not a directory")
-    try:
-        json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise DataError(f"--model {name}: no config.json, so not a model directory") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"--model {name}: config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
-    index = path / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        [f.name for f in sorted(path.glob("*.safetensors"))]
-    if not shards and not (path / "pytorch_model.bin").exists():
-        raise DataError(f"--model {name}: no weights (*.safetensors) in the directory")
-    for shard in shards:
-        f = path / shard
-        if not f.exists():
-            raise DataError(f"--model {name}: {shard} is missing")
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            try:
-                header = json.loads(fh.read(n)) if 0 < n < size else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                header = None
-        if header is None:
-            raise DataError(f"--model {name}: {shard} is not a readable safetensors file")
-        expected = 8 + n + max([v["data_offsets"][1] for v in header.values() if isinstance(v, dict)
-                                and "data_offsets" in v], default=0)
-        if size != expected:
-            raise DataError(f"--model {name}: {shard} is truncated ({size:,} of {expected:,} bytes)")
-
-
-def model_fingerprint(name):
-    """A short hash of what a model's outputs depend on: its config, and per weight file the size, the header
-    and 16 evenly spaced 4 KiB samples of the weights (retrained weights differ everywhere; reading 64 KiB per
-    file is fast at any size). For a hub id, the id itself."""
-    path = Path(resolve_model(name))
-    if not path.is_dir():
-        return hashlib.sha1(name.encode()).hexdigest()[:12]
-    h = hashlib.sha1((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for k in range(16):
-                fh.seek(size * k // 16)
-                h.update(fh.read(4096))
-    return h.hexdigest()[:12]
-
-
-def cli_parser(doc):
-    """An argument parser whose --help opens with the script's purpose and launch commands (the docstring's first
-    two paragraphs), one line per flag, and no abbreviated flags (so presets can see what was passed)."""
-    return argparse.ArgumentParser(description="\n\n".join(doc.split("\n\n")[:2]), allow_abbrev=False,
-                                   usage="%(prog)s [options]",
-                                   formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-                                       prog, max_help_position=34, width=120))
-
-
-def passed_flags(parser, argv):
-    """The options given on the command line (by dest), so that a preset fills in only the others."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {a.dest for a in parser._actions for opt in a.option_strings
-            if any(x == opt or x.startswith(opt + "=") for x in argv)}
-
-
-def toy_preset(args, preset):
-    """`--data toy`: every option the user did not pass takes the value sized for the toy task on a CPU (the
-    paper's defaults are for the real data). Returns the one line to announce it with, once the inputs check."""
-    chosen = {k: v for k, v in preset.items() if k not in args.passed}
-    for k, v in chosen.items():
-        setattr(args, k, v)
-    return "toy preset: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items()) + \
-        "; flags you pass win" if chosen else ""
-
-
-def cli(main):
-    """Run a script's main(): bad input (DataError) ends as one line on stderr and exit code 1, no traceback."""
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    """Before anything loads: a --model that cannot load fails in one line (plumbing.cli.check_model_dir); the
+    locally built models pass, they are built on first use."""
+    if name not in TINY:
+        check_model_dir(name)
 
 
 def resolve_model(name):
     """A path or hub id for from_pretrained; `tiny`/`tiny-text` are built on first use (atomically: ranks race)."""
     if name not in TINY:
-        check_model(name)
+        check_model_dir(name)
         return name
-    from toy import tiny  # the builders: toy/tiny.py
     # The tokenizer is trained on the toy data and templates: a change to them is a new checkpoint.
     version = tiny.VERSION + ("-text" if name == "tiny-text" else "")
-    path = CACHE / f"{version}-{hashlib.sha1(repr(tiny.corpus()).encode()).hexdigest()[:8]}"
+    path = CACHE / f"{version}-{hashlib.sha1(repr(tiny.corpus(tiny_corpus())).encode()).hexdigest()[:8]}"
     if not (path / "config.json").exists():
-        import tempfile
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=CACHE, prefix=".tiny-")
-        (tiny.build if name == "tiny" else tiny.build_text)(tmp)
+        (tiny.build if name == "tiny" else tiny.build_text)(tmp, tiny_corpus())
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first; theirs is identical
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 
 def load_processor(name):
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor  # heavy
     path = resolve_model(name)
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -855,21 +555,21 @@ def tokenizer_of(processor):
 
 def model_class(config):
     """Qwen2.5-VL; a text-only causal LM (a distillation teacher such as QwQ-32B) when there is no vision part."""
-    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration  # heavy
     return Qwen2_5_VLForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
 def transformers_progress(show):
     """transformers' progress bars (reading and writing checkpoint shards): on for one loading process, off for
     the other ranks and for every checkpoint a run writes."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # heavy
     logging.enable_progress_bar() if show else logging.disable_progress_bar()
 
 
 def load_model(name, dtype=None, device="cpu", progress=False):
     """A model from a hub id, a local directory (e.g. an SFT checkpoint), `tiny` or `tiny-text`."""
-    import torch
-    from transformers import AutoConfig
+    import torch  # heavy
+    from transformers import AutoConfig  # heavy
     transformers_progress(progress)
     path = resolve_model(name)
     try:
@@ -882,8 +582,8 @@ def load_model(name, dtype=None, device="cpu", progress=False):
 def model_from_config(name, dtype=None):
     """The model's architecture with uninitialised weights, on the current default device (`with
     torch.device("meta")`: no memory at all), and its generation settings; load_sharded fills it in."""
-    import torch
-    from transformers import AutoConfig, GenerationConfig
+    import torch  # heavy
+    from transformers import AutoConfig, GenerationConfig  # heavy
     path = resolve_model(name)
     try:
         config = AutoConfig.from_pretrained(path)

@@ -25,82 +25,125 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 import data
-from rewards import choice_letter, extract_answer, last_boxed, math_equal
+import generate
+from plumbing.charts import svg_page
+from plumbing.cli import DataError, cli, cli_parser, passed_flags, toy_preset
+from plumbing.distributed import barrier, setup_distributed
+from plumbing.runs import check_writable, fingerprint, write_atomic
+from rewards import (choice_letter, extract_answer, last_boxed, math_equal, mmmu_normalize, mmmu_open_predictions,
+                     official_choice)
 
 # ----------------------------------------------------------------------------------------------------
 # The benchmarks
 
-def bench(hub, split, n, make, configs=(None,), template="mc", **extra):
+def benchmark(hub, split, n, make, configs=(None,), template="mc", **extra):
     """One benchmark: where its rows live, how many the card lists, the row converter, and which appendix-C
     template its prompts use (`math` for the mathematical benchmarks, `mc` for the rest)."""
     return {"hub": hub, "split": split, "n": n, "task": make, "configs": list(configs), "template": template} | extra
 
 
-MMLU_PRO = bench("TIGER-Lab/MMLU-Pro", "test", 12032, data.fields("question", "answer", "options", pid="question_id"))
-MMMU = bench("MMMU/MMMU", "validation", 900, data.mmmu_task, data.MMMU_SUBJECTS)
-MMMU_PRO = bench("MMMU/MMMU_Pro", "test", 1730, data.mmmu_task, ["standard (10 options)"])
+MMLU_PRO = benchmark("TIGER-Lab/MMLU-Pro", "test", 12032, data.fields("question", "answer", "options", pid="question_id"))
+MMMU = benchmark("MMMU/MMMU", "validation", 900, data.mmmu_task, data.MMMU_SUBJECTS)
+MMMU_PRO = benchmark("MMMU/MMMU_Pro", "test", 1730, data.mmmu_task, ["standard (10 options)"])
 BENCHMARKS = {  # paper Table 7; hub ids, splits, sizes and fields from the dataset cards
-    "gsm8k": bench("openai/gsm8k", "test", 1319, lambda r: data.task(
+    "gsm8k": benchmark("openai/gsm8k", "test", 1319, lambda r: data.task(
         r["question"], r["answer"].split("####")[-1].strip().replace(",", ""), pid=zlib.crc32(r["question"].encode())),
         ["main"], template="math"),
     "mmlu-pro": MMLU_PRO,
     "mmmu": MMMU,
     "mmmu-pro": MMMU_PRO,
-    "mmstar": bench("Lin-Chen/MMStar", "val", 1500, data.mmstar_task),
-    "mathvista": bench("AI4Math/MathVista", "testmini", 1000, data.mathvista_task, template="math"),
-    "mathvision": bench("MathLLMs/MathVision", "test", 3040, lambda r: data.fields(
+    "mmstar": benchmark("Lin-Chen/MMStar", "val", 1500, data.mmstar_task),
+    "mathvista": benchmark("AI4Math/MathVista", "testmini", 1000, data.mathvista_task, template="math"),
+    "mathvision": benchmark("MathLLMs/MathVision", "test", 3040, lambda r: data.fields(
         "question", "answer", "options", "decoded_image" if r.get("decoded_image") else "image")(r), template="math"),
     # §3.2 evaluates both MedQA versions; Figure 1's "MedQA" (56.3 -> 62.3, X-Reasoner-Med 72.4) is the 4-option one
-    "medqa": bench("GBaker/MedQA-USMLE-4-options", "test", 1273, data.fields("question", "answer_idx", "options"),
+    "medqa": benchmark("GBaker/MedQA-USMLE-4-options", "test", 1273, data.fields("question", "answer_idx", "options"),
                    label="MedQA (4 options)"),
     # The original 5-option USMLE test set (Table 7: 1,273 items) is not on the hub as plain data: pass the
     # release's data_clean/questions/US/test.jsonl ({question, options {A..E}, answer, answer_idx}).
-    "medqa-5": bench(None, None, 1273, data.fields("question", "answer_idx", "options"), label="MedQA (5 options)"),
+    "medqa-5": benchmark(None, None, 1273, data.fields("question", "answer_idx", "options"), label="MedQA (5 options)"),
     "mmlu-pro-health": MMLU_PRO | {"n": 818, "keep": lambda r: r.get("category") == "health"},
     "mmmu-health": MMMU | {"configs": data.MMMU_HEALTH, "n": 150,
                            "keep": lambda r: data.mmmu_subject(r) in data.MMMU_HEALTH},
     "mmmu-pro-health": MMMU_PRO | {"n": 286, "keep": lambda r: data.mmmu_subject(r) in data.MMMU_HEALTH},
     # MedXpertQA MM: images are file names inside the dataset's images.zip (unzip it, pass --image-root)
-    "medxpertqa-mm": bench("TsinghuaC3I/MedXpertQA", "test", 2000, data.fields(
+    "medxpertqa-mm": benchmark("TsinghuaC3I/MedXpertQA", "test", 2000, data.fields(
         "question", "label", "options", "images", strip="\nAnswer Choices:"), ["MM"]),
     # OmniMedVQA's open-access QA JSON files (local only): a fixed seeded sample of 1,000, as in the paper.
-    "omnimedvqa": bench(None, None, 1000, data.omnimed_task, sample=1000),
+    "omnimedvqa": benchmark(None, None, 1000, data.omnimed_task, sample=1000),
     # NEJM Image Challenge (local JSONL): {"id", "question", "options": [..] or {A: ..}, "answer": letter, "image"}
-    "nejm": bench(None, None, 947, data.fields("question", "answer", "options", "image")),
+    "nejm": benchmark(None, None, 947, data.fields("question", "answer", "options", "image")),
     # Your own items (local JSON/JSONL): {"id", "question", "answer", "options": [..] (optional), "images": [..]};
     # without options the answer is free-form (math_equal), with them a letter. toy/miniature.py uses it.
-    "custom": bench(None, None, None, data.fields("question", "answer", "options", "images"), template="math"),
+    "custom": benchmark(None, None, None, data.fields("question", "answer", "options", "images"), template="math"),
 }
 
 # ----------------------------------------------------------------------------------------------------
+# The paper's numbers (arXiv 2505.03981 v1), each with where it is printed: F1 = Figure 1 (values printed on the
+# bars; also readme_files/fig1.png in github.com/microsoft/x-reasoner), T5 = Table 5 (greedy), T8 = Table 8, ...
+# Models: base = Qwen2.5-VL-7B-Instruct, sota = the previous 7B-scale state of the art the paper compares with,
+# xr = X-Reasoner, med = X-Reasoner-Med. Where two places print different numbers for the same thing (MMMU base:
+# 53.2 in F1, 53.0 in T5) both are kept. Figures 3-4 (avg/maj/pass@5) are left out: their bar labels cannot be
+# matched to bars from the text.
+PAPER_MODELS = {"base": "Qwen2.5-VL-7B", "sota": "prev. 7B SOTA", "xr": "X-Reasoner", "med": "X-Reasoner-Med"}
+PAPER_TABLE = """
+# benchmark        base  sota  xr    med   source
+gsm8k              84.9  87.2  88.2  -     F1
+mmlu-pro           47.6  52.1  52.6  -     F1
+mmmu-pro           38.7  40.7  43.0  -     F1
+mmmu               53.2  55.0  56.4  -     F1
+medqa              56.3  71.6  62.3  72.4  F1
+mmlu-pro-health    47.8  56.4  51.3  58.7  F1
+mmmu-health        56.7  57.3  60.0  64.0  F1
+medxpertqa-mm      22.2  23.8  23.8  26.4  F1
+# T5's sota: the best other 7B/8B row: MAmmoTH-VL2-7B (MMMU-Pro, MathVista), Mulberry-7B (MMMU), R1-Onevision-7B
+mmmu               53.0  55.0  56.4  -     T5
+mmmu-pro           38.7  40.7  43.0  -     T5
+mathvista          62.8  68.1  69.0  -     T5
+mathvision         25.0  29.9  29.6  -     T5
+# T8 names each SOTA model; its MMLU-Pro-H entry (HuatuoGPT-o1-7B, replicated) differs from F1's
+mmlu-pro-health    -     54.3  -     -     T8
+# T4: the same recipe as a study (SFT + RL), before the final run; the only X-Reasoner number for NEJM
+mmlu-pro           47.6  -     53.3  -     T4
+mmlu-pro-health    47.8  -     53.1  -     T4
+mmmu-pro           38.3  -     42.5  -     T4
+nejm               41.8  -     45.7  -     T4
+# T3 and T1 (also T9): the baseline with the CoT template. T1 and T9 say "MedQA"; §3.2 calls the original 5-option
+# set "MedQA", and their 50.5 is not F1's 4-option 56.3, so we file it under medqa-5.
+mmlu-pro-health    47.8  -     -     -     T3
+omnimedvqa         57.4  -     -     -     T3
+gsm8k              86.0  -     -     -     T3
+mathvision         24.7  -     -     -     T3
+medqa-5            50.5  -     -     -     T1
+mmmu-pro           38.3  -     -     -     T1
+mmmu-pro-health    34.3  -     -     -     T1
+"""
+PAPER = [(bench, model, float(value), source)  # (benchmark, model, accuracy %, source), one per number above
+         for line in PAPER_TABLE.strip().splitlines() if not line.startswith("#")
+         for bench, *values, source in [line.split()] for model, value in zip(PAPER_MODELS, values) if value != "-"]
+# Table 6: items left after removing those solved text-only (3 image-free samples per item, per model), and the
+# accuracy of both models on that shared remainder: benchmark -> (original, text-solvable, remaining, base, xr)
+TEXT_SOLVABLE = {"mmmu": (900, 308, 592, 39.3, 41.4), "mmmu-pro": (1730, 259, 1471, 33.4, 36.4),
+                 "mathvista": (1000, 257, 743, 57.9, 60.6), "mathvision": (3040, 448, 2592, 18.6, 21.8),
+                 "mmstar": (1500, 259, 1241, 56.6, 59.0)}
+
+
+def paper_numbers(bench):
+    """{model: "53.0 (T5); 53.2 (F1)"}: every number the paper prints for this benchmark, with its sources."""
+    cells = {}
+    for b, model, value, source in PAPER:
+        if b == bench:
+            cells.setdefault(model, {}).setdefault(value, []).append(source)
+    return {m: "; ".join(f"{v} ({', '.join(s)})" for v, s in sorted(by_value.items(), key=lambda x: x[1][0]))
+            for m, by_value in cells.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Judging: the official rules, made deterministic
-
-def official_choice(response, options):
-    """MMMU-Pro's parse_multi_choice_response (mmmu-pro/evaluate.py), minus its random guess: None instead."""
-    letters = list(data.LETTERS[:len(options)])
-    last = response.rfind("Answer:")
-    if last != -1:
-        named = [c for c in letters if c in response[last + len("Answer:"):].strip()]
-        if len(named) == 1:
-            return named[0]
-    for char in [",", ".", "!", "?", ";", ":", "'"]:
-        response = response.strip(char)
-    response = f" {response} "
-    candidates = [c for c in letters if f"({c})" in response]
-    brackets = bool(candidates)
-    candidates = (candidates or [c for c in letters if f"{c} " in response]
-                  or [c for c in letters if f"{c}." in response])
-    by_text = False
-    if not candidates and len(response.split()) > 5:
-        candidates = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
-        by_text = True
-    if not candidates:
-        return None
-    if by_text:  # several: the one mentioned last
-        return max(candidates, key=lambda c: response.lower().rfind(options[letters.index(c)].lower()))
-    return max(candidates, key=lambda c: response.rfind(f"({c})" if brackets else f" {c} "))
-
 
 def tagged(response):
     return "<answer>" in response or "</think>" in response or last_boxed(response) is not None
@@ -239,36 +282,6 @@ def judge_mathvista(response, row):
     return extraction, prediction == row["answer"]
 
 
-def mmmu_normalize(s):
-    """MMMU's normalize_str: numbers to floats rounded to 2 decimals, other strings lower-cased."""
-    s = str(s).strip()
-    try:
-        return [round(float(s.replace(",", "")), 2)]
-    except ValueError:
-        s = s.lower()
-        return [" " + s, s + " "] if len(s) == 1 else [s]
-
-
-def mmmu_open_predictions(response):
-    """MMMU's parse_open_response: the tails of the key sentences plus every number in them."""
-    response = response.strip().strip(".").lower()
-    sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
-    keys, indicators = [], ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
-    for i, sentence in enumerate(sentences):
-        shortest = None  # the shortest tail; as in the original, an empty tail does not count as found
-        for ind in indicators + (["="] if i == len(sentences) - 1 else []):
-            tail = sentence.split(ind)[-1].strip() if ind in sentence else None
-            if tail is not None and (not shortest or len(tail) < len(shortest)):
-                shortest = tail
-        if shortest and shortest not in [":", ",", ".", "!", "?", ";", "'"]:
-            keys.append(shortest)
-    keys = keys or [response]
-    found = [n for k in keys for n in re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", k)
-             + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", k)
-             + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", k)]
-    return [p for s in keys + found for p in mmmu_normalize(s)]
-
-
 def judge_mmmu_open(response, answer):
     """MMMU's eval_open: a gold number must equal a predicted number; a gold string must occur in a prediction."""
     if still_thinking(response):
@@ -306,7 +319,7 @@ def score(bench, response, item):
 # The run: benchmark by benchmark, each rank a share of the items
 
 def parse_args(argv=None):
-    ap = data.cli_parser(__doc__)
+    ap = cli_parser(__doc__)
     # what to evaluate
     ap.add_argument("--bench", default="all", help="comma-separated names (table in README), or all")
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny` (default: the base)")
@@ -334,9 +347,9 @@ def parse_args(argv=None):
     ap.add_argument("--exclude-ids", action="append", default=[], help="id files to leave out (their union)")
     ap.add_argument("--compare", action="store_true", help="the paper's numbers beside ours (T6's with --exclude-ids)")
     args = ap.parse_args(argv)
-    args.passed = data.passed_flags(ap, argv)
+    args.passed = passed_flags(ap, argv)
     # the tiny model's ~40-token answers: a short cap, the forced exit inside it (announced once the model loads)
-    args.preset = data.toy_preset(args, {"max_new_tokens": 64, "answer_budget": 16}) if "toy" in args.data else ""
+    args.preset = toy_preset(args, {"max_new_tokens": 64, "answer_budget": 16}) if "toy" in args.data else ""
     args.exclude_ids = [p for entry in args.exclude_ids for p in entry.split(",") if p]
     if args.think_budget is None:
         args.think_budget = max(args.max_new_tokens - args.answer_budget, 0)
@@ -344,14 +357,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    import torch
-    from sft import setup_distributed
     args = parse_args(argv)
-    benches, given = which(args)
+    benches, given = requested(args)
     rank, world, device = setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = data.load_model(args.model, dtype=dtype, device=device, progress=rank == 0).eval()
-    args.fingerprint = data.model_fingerprint(args.model)
+    args.fingerprint = fingerprint(data.resolve_model(args.model))
     if args.preset and rank == 0:
         print(args.preset, file=sys.stderr)
     processor = data.load_processor(args.model)
@@ -361,7 +372,7 @@ def main(argv=None):
     for bench in benches:
         try:
             s = evaluate_bench(bench, given.get(bench), args, model, processor, rank, world)
-        except data.DataError as e:  # one unavailable benchmark does not cost the others' results
+        except DataError as e:  # one unavailable benchmark does not cost the others' results
             print(f"error: {e}", file=sys.stderr)
             failed.append(bench)
             continue
@@ -371,30 +382,27 @@ def main(argv=None):
     if rank == 0 and summaries:
         write_results(Path(args.out), summaries, args)
     if failed:
-        raise data.DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
+        raise DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
     return summaries
 
 
 def evaluate_bench(bench, source, args, model, processor, rank, world):
     """One benchmark: each rank generates and judges its share of the (item, sample) pairs not yet on disk,
     appending one JSON line per sample; rank 0 returns the summary (the others None)."""
-    from generate import generate, shard
-    from sft import barrier
-    from tqdm import tqdm
     tasks, skipped = data.load_benchmark(bench, BENCHMARKS[bench], source, args.image_root, not args.no_image,
-                                         data.read_ids(args.exclude_ids, bench), args.limit)
+                                         read_ids(args.exclude_ids, bench), args.limit)
     done = open_records(Path(args.out), bench, args, rank)
-    todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
+    todo = generate.shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = Path(args.out) / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
     with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
         if f.tell() and not path.read_bytes().endswith(b"\n"):
             f.write("\n")  # end the line a crash cut short; read_records skips it
         for start in range(0, len(todo), args.batch_size * 4):
             part = todo[start:start + args.batch_size * 4]
-            seeds = [args.seed * 1_000_003 + zlib.crc32(f"{t['id']}/{k}".encode()) for t, k in part]
+            seeds = [generate.row_seed(args.seed, zlib.crc32(f"{t['id']}/{k}".encode())) for t, k in part]
             prompts = [prompt_text(bench, t, args.template) for t, _ in part]
             chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
-            completions = generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
+            completions = generate.generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=seeds,
                                    think_budget=args.think_budget or None, answer_budget=args.answer_budget,
                                    batch_size=args.batch_size)
@@ -410,12 +418,12 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     if rank != 0:
         return None
     ids = {t["id"] for t in tasks}
-    records = [r for (i, k), r in data.read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
+    records = [r for (i, k), r in read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
     if args.text_solvable_out:  # Table 6: the items answered right in all K image-free samples
         by_id = {}
         for r in records:
             by_id.setdefault(r["id"], []).append(r["correct"])
-        data.write_solvable(args.text_solvable_out, bench,
+        write_solvable(args.text_solvable_out, bench,
                             sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
     return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint}
 
@@ -429,12 +437,12 @@ def prompt_text(bench, t, template=None):
 # ====================================================================================================
 # Plumbing: where the data comes from, the records on disk, summaries and tables
 
-def which(args):
+def requested(args):
     """The benchmarks asked for, and where each one's rows come from (--data; the hub where not given)."""
     benches = [b for b in BENCHMARKS if b != "custom"] if args.bench == "all" else \
         [b.strip() for b in args.bench.split(",") if b.strip()]  # all: the paper's benchmarks
     if unknown := [b for b in benches if b not in BENCHMARKS]:
-        raise data.DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        raise DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     given = {}
     for entry in args.data:
         name, sep, path = entry.partition("=")
@@ -443,14 +451,13 @@ def which(args):
         elif entry == "toy" or len(benches) == 1:
             given.update({b: entry for b in benches})
         else:
-            raise data.DataError(f"--data {entry}: with several benchmarks, write BENCH=PATH")
+            raise DataError(f"--data {entry}: with several benchmarks, write BENCH=PATH")
     return benches, given
 
 
 def open_records(out, bench, args, rank):
     """The records `out` already holds for `bench`, reused only when the weights (their fingerprint, not the
     path) and the protocol are the same: other settings stop the run; other weights move the records aside."""
-    from sft import barrier
     meta = out / f"{bench}.settings.json"
     settings = {k: getattr(args, k) for k in ("fingerprint", "temperature", "top_p", "max_new_tokens",
                                               "think_budget", "answer_budget", "no_image", "min_pixels",
@@ -458,7 +465,7 @@ def open_records(out, bench, args, rank):
     old = json.loads(meta.read_text()) if meta.exists() else settings
     if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != \
             {k: v for k, v in settings.items() if k != "fingerprint"}:  # every rank stops, none waits alone
-        raise data.DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
+        raise DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
     out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
     barrier()  # all ranks have read the old settings before rank 0 replaces them
     if rank == 0:
@@ -472,7 +479,47 @@ def open_records(out, bench, args, rank):
         tmp.write_text(json.dumps(settings | {"model": args.model}, indent=1))
         tmp.replace(meta)
     barrier()  # the moves are done before anyone reads the records
-    return data.read_records(out, bench)
+    return read_records(out, bench)
+
+
+def read_records(out, bench):
+    """evaluate.py's per-sample records for `bench` in `out`, by (id, sample), from every rank's file."""
+    records, bad = {}, 0
+    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                records[(r["id"], r["sample"])] = r
+            except (json.JSONDecodeError, KeyError):
+                bad += 1  # a line cut short by a crash: that sample is generated again
+    if bad:
+        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
+    return records
+
+
+def write_solvable(path, bench, ids):
+    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
+    path = Path(path)
+    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
+            if not line.startswith(bench + "\t")]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
+    tmp.replace(path)
+
+
+def read_ids(paths, bench):
+    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
+    "bench<TAB>id" (as --text-solvable-out writes them)."""
+    ids = set()
+    for path in paths:
+        text = Path(path).read_text()
+        if text.lstrip().startswith("["):
+            ids |= set(map(str, json.loads(text)))
+            continue
+        for line in filter(str.strip, text.splitlines()):
+            b, tab, i = line.rstrip("\n").partition("\t")
+            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
+    return ids
 
 
 def summarize(bench, records, k, skipped):
@@ -492,7 +539,7 @@ def summarize(bench, records, k, skipped):
             "forced_exit_pct": round(100 * sum(r["finish_reason"] == "forced_exit" for r in records)
                                      / max(len(records), 1), 2),
             "mean_words": round(sum(r["words"] for r in records) / max(len(records), 1), 1),
-            "paper": data.paper_numbers(bench), "paper_text_solvable": data.TEXT_SOLVABLE.get(bench)}
+            "paper": paper_numbers(bench), "paper_text_solvable": TEXT_SOLVABLE.get(bench)}
 
 
 def table(summaries, compare, text_solvable=False):
@@ -506,16 +553,16 @@ def table(summaries, compare, text_solvable=False):
     if compare and text_solvable:
         head += ["paper n (T6)", "paper Qwen2.5-VL-7B (T6)", "paper X-Reasoner (T6)"]
     elif compare:
-        head += [f"paper {name}" for name in data.PAPER_MODELS.values()]
+        head += [f"paper {name}" for name in PAPER_MODELS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         cells = [BENCHMARKS.get(s["bench"], {}).get("label", s["bench"]), s["n"], s["accuracy"]]
         cells += ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else []) + [s["forced_exit_pct"], s["mean_words"]]
         if compare and text_solvable:
-            t6 = data.TEXT_SOLVABLE.get(s["bench"])  # (original, text-solvable, remaining, base, xr)
+            t6 = TEXT_SOLVABLE.get(s["bench"])  # (original, text-solvable, remaining, base, xr)
             cells += list(t6[2:]) if t6 else ["not reported"] * 3
         elif compare:
-            cells += [data.paper_numbers(s["bench"]).get(m, "not reported") for m in data.PAPER_MODELS]
+            cells += [paper_numbers(s["bench"]).get(m, "not reported") for m in PAPER_MODELS]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return title + "\n".join(lines)
 
@@ -523,7 +570,6 @@ def table(summaries, compare, text_solvable=False):
 def write_results(out, summaries, args):
     """summary.json and results.md (every benchmark evaluated into --out so far), the table printed, and with
     --samples K the avg/maj/pass@K bars of the sampling study (§3) in results.svg."""
-    from sft import svg_page, write_atomic
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     summary.update({s["bench"]: s for s in summaries})
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
@@ -539,4 +585,4 @@ def write_results(out, summaries, args):
 
 
 if __name__ == "__main__":
-    data.cli(main)
+    cli(main)

@@ -20,9 +20,18 @@ caller's business (`shard()` below), so this function always takes a plain, unsh
 """
 import os
 import sys
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import DynamicCache
+
+import data
+import rewards
+from plumbing.cli import DataError, cli, cli_parser
+from plumbing.distributed import setup_distributed
 
 THINK_END = "</think>"
 
@@ -150,7 +159,6 @@ def advance(row, t, tokenizer, *, think_budget, answer_budget, stop_ids, may_clo
 def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temperature, top_p, think_budget,
                    answer_budget, stop_ids, may_close):
     """Steps 2-6 for one chunk of prompts: a Completion per prompt, in the chunk's order."""
-    from transformers import DynamicCache
     device = next(model.parameters()).device
     # 2-3. left-pad, then one forward over all prompts fills the KV cache and gives each row's next-token logits
     batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}      # (B, L) each
@@ -222,9 +230,8 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
         seeds = list(seed)
     else:
         base = seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item()
-        seeds = [base * 1_000_003 + i for i in range(len(conversations))]  # a row's samples depend on its index
+        seeds = [row_seed(base, i) for i in range(len(conversations))]  # a row's samples depend on its index
     order = sorted(range(len(encodings)), key=lambda i: encodings[i]["input_ids"].shape[1])
-    from tqdm import tqdm
     bar = tqdm(total=len(order), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -239,6 +246,12 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
         bar.update(len(rows))
     bar.close()
     return results
+
+
+def row_seed(base, key):
+    """The seed of one row's sampling stream, from the run's seed and the row's own key (its index, or a hash of
+    (question, sample)): a row samples the same tokens whatever batch, rank or order it lands in."""
+    return base * 1_000_003 + key
 
 
 def shard(items, rank, world):
@@ -265,7 +278,6 @@ def with_think_open(text):
 def select_correct(rows, completions, samples):
     """Rejection sampling (§2.1): of each row's `samples` completions, keep those in the paper's format whose
     tagged answer is right (rewards.py, tags required), as SFT rows {"question", "response", "answer"}."""
-    import rewards
     kept = []
     for i, c in enumerate(completions):
         row, text = rows[i // samples], with_think_open(c.text)
@@ -280,15 +292,13 @@ def select_correct(rows, completions, samples):
 def distil(model, processor, rows, samples=4, seed=0, **sampling):
     """`samples` completions of each RL-schema row (data.load_rl_data), seeded per (question, sample) so that
     the split over ranks changes nothing; the correct ones."""
-    import zlib
     conversations = [r["messages"] for r in rows for _ in range(samples)]
-    seeds = [seed * 1_000_003 + zlib.crc32(f"{r['question']}/{k}".encode()) for r in rows for k in range(samples)]
+    seeds = [row_seed(seed, zlib.crc32(f"{r['question']}/{k}".encode())) for r in rows for k in range(samples)]
     return select_correct(rows, generate(model, processor, conversations, seed=seeds, **sampling), samples)
 
 
-def main(argv=None):
-    import data
-    ap = data.cli_parser(__doc__)
+def parse_args(argv=None):
+    ap = cli_parser(__doc__)
     # model
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory, or `tiny` (default: the base)")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
@@ -312,6 +322,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.distil and not args.output:
         ap.error("--distil needs --output")
+    if not args.distil and args.input is None and args.prompt is None:
+        ap.error("give --prompt or --input")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
@@ -319,28 +336,9 @@ def main(argv=None):
     processor = data.load_processor(args.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size)
-    if args.distil:  # under torchrun each rank takes every world-th question; rank 0 writes them all
-        import sft
-        rank, world, _ = sft.setup_distributed()
-        rows = data.load_rl_data(args.distil)
-        kept = distil(model, processor, shard(rows, rank, world), args.samples, args.seed, progress=rank == 0,
-                      **sampling)
-        if world > 1:
-            import torch.distributed as dist
-            parts = [None] * world
-            dist.all_gather_object(parts, kept)
-            kept = [row for part in parts for row in part]
-        if rank == 0:
-            data.write_jsonl(args.output, kept)
-            print(f"distil: kept {len(kept)} of {len(rows) * args.samples} completions ({len(rows)} questions x "
-                  f"{args.samples}); wrote {args.output}", file=sys.stderr)
-        return kept
-    if args.input:
-        rows = data.read_rows(args.input)
-    elif args.prompt is not None:
-        rows = [{"prompt": args.prompt, "images": args.image}]
-    else:
-        ap.error("give --prompt or --input")
+    if args.distil:
+        return distil_main(args, model, processor, sampling)
+    rows = data.read_rows(args.input) if args.input else [{"prompt": args.prompt, "images": args.image}]
     rows = data.convert_rows(rows, lambda r: r | {"prompt": str(r["prompt"]), "images": r.get("images") or []},
                              "--input")  # rows without a prompt are counted and skipped
     templates = {"train": data.TRAIN_PROMPT, "mc": data.EVAL_MC_PROMPT, "math": data.EVAL_MATH_PROMPT,
@@ -354,7 +352,7 @@ def main(argv=None):
         completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
                                **sampling)
     except (ValueError, OSError) as e:  # a missing image, a prompt longer than the context
-        raise data.DataError(str(e)) from e
+        raise DataError(str(e)) from e
     if args.output:
         data.write_jsonl(args.output, [{**r, **asdict(c)} for r, c in zip(rows, completions)])
     else:
@@ -363,6 +361,21 @@ def main(argv=None):
             print(f"[{c.finish_reason}, {c.num_tokens} tokens]", file=sys.stderr)
 
 
+def distil_main(args, model, processor, sampling):
+    """--distil: under torchrun each rank takes every world-th question; rank 0 writes all the kept rows."""
+    rank, world, _ = setup_distributed()
+    rows = data.load_rl_data(args.distil)
+    kept = distil(model, processor, shard(rows, rank, world), args.samples, args.seed, progress=rank == 0, **sampling)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, kept)
+        kept = [row for part in parts for row in part]
+    if rank == 0:
+        data.write_jsonl(args.output, kept)
+        print(f"distil: kept {len(kept)} of {len(rows) * args.samples} completions ({len(rows)} questions x "
+              f"{args.samples}); wrote {args.output}", file=sys.stderr)
+    return kept
+
+
 if __name__ == "__main__":
-    import data
-    data.cli(main)
+    cli(main)

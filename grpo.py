@@ -1,7 +1,7 @@
 """Stage 2 of X-Reasoner: GRPO with verifiable 1/0 rewards on text-only math (paper §2.2, appendices A, B.2).
 
     torchrun --nproc_per_node 8 grpo.py --model runs/sft/final --group-size 8       # the paper's run
-    python grpo.py --model runs/sft/final --data toy --out runs/grpo   # the toy sums on a CPU (a preset), ~1 min
+    python grpo.py --model runs/sft/final --data toy --out runs/grpo   # the toy sums on a CPU (a preset)
 
 One step, in reading order (each a function below, then main() runs them):
     1. rollouts                    every rank samples `group_size` answers for its share of the prompts
@@ -16,6 +16,7 @@ One step, in reading order (each a function below, then main() runs them):
                                    KL, summed over sampled tokens and divided by their number on all ranks
     6. update                      AdamW over `ppo_mini_batches` mini-batches of micro-batches
     7. refresh_inference_copy      the new weights into the inference copy
+grpo_step() runs them in that order, with the memory schedule in view; main() loops over steps.
 
 Memory (bench/bench_memory.py, 7B, 8 ranks, B.2's settings): rollouts come from an unsharded bf16 inference copy
 (15.4 GiB, filled from the policy's shards after every update) with a KV cache of up to 64 x 4,608 tokens
@@ -28,20 +29,29 @@ copies per step.
 Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine, no
 tensor parallelism); rollouts run in plain PyTorch, not an optimized serving engine.
 """
+
 import random
 import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import data
 import generate
 import rewards
 import sft
+from plumbing import runs
+from plumbing.cli import DataError, cli, cli_parser, toy_preset
+from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_norm, finish, full_tensor, optimizer_state,
+                                  parked, setup_distributed)
+
+# Flags that may differ on --resume: they change nothing the run computes (ours)
+MAY_CHANGE_ON_RESUME = {"max_steps", "micro_batch", "save_every", "keep", "reward_processes", "gen_batch", "offload"}
 
 
 def parse_args(argv=None):
-    ap = data.cli_parser(__doc__)
+    ap = cli_parser(__doc__)
     # model and data
     ap.add_argument("--model", required=True, help="stage 1's checkpoint (runs/sft/final), a hub id, or `tiny`")
     ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL/path), MedQA rows, or toy (B.2)")
@@ -75,7 +85,7 @@ def parse_args(argv=None):
     ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
     ap.add_argument("--save-every", type=int, default=50, help="save every N steps (ours)")
     ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept beside final; 0: all (ours)")
-    return sft.parse_run_flags(ap, argv)
+    return runs.parse(ap, argv)
 
 
 # ====================================================================================================
@@ -100,6 +110,10 @@ class Rollout:
     # sequence_batch(): the prompt's encoding, kept for the next pass over this row
     encoding: dict = None
 
+    def sampled_mask(self):
+        """Per token: 1 if the policy sampled it (it takes the loss), 0 if the forced exit wrote it."""
+        return self.sampled or [1] * len(self.token_ids)
+
 
 def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_new_tokens, think_budget,
              answer_budget, gen_batch, progress=False):
@@ -114,7 +128,7 @@ def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_n
             for p, c in zip([p for p in prompts for _ in range(group_size)], completions)]
 
 
-def score(rows, processes):
+def score_rollouts(rows, processes):
     """The 1/0 rewards (§2.2), (N,). The training prompt (appendix C) asks for the answer inside <answer> tags, so
     a response without them has given no answer and earns 0, however right its last number (evaluation, like the
     benchmarks' own parsers, stays lenient)."""
@@ -122,10 +136,10 @@ def score(rows, processes):
                                               [r.options for r in rows], processes=processes, require_tags=True))
 
 
-def group_advantages(rewards_, eps=1e-6, scale=True):
-    """Eq. (1): each response's reward relative to its group. rewards_: (prompts, group_size)."""
-    centered = rewards_ - rewards_.mean(dim=1, keepdim=True)                                # (G, group_size)
-    return centered / (rewards_.std(dim=1, keepdim=True) + eps) if scale else centered
+def group_advantages(group_rewards, eps=1e-6, scale=True):
+    """Eq. (1): each response's reward relative to its group. group_rewards: (prompts, group_size)."""
+    centered = group_rewards - group_rewards.mean(dim=1, keepdim=True)                      # (G, group_size)
+    return centered / (group_rewards.std(dim=1, keepdim=True) + eps) if scale else centered
 
 
 def sequence_batch(processor, rows, device):
@@ -142,7 +156,7 @@ def sequence_batch(processor, rows, device):
     for i, r in enumerate(rows):
         response[i, :len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
         present[i, :len(r.token_ids)] = 1
-        sampled[i, :len(r.token_ids)] = torch.tensor(r.sampled or [1] * len(r.token_ids), dtype=torch.float)
+        sampled[i, :len(r.token_ids)] = torch.tensor(r.sampled_mask(), dtype=torch.float)
     batch["input_ids"] = torch.cat([batch["input_ids"], response], dim=1)                  # (B, P + T)
     batch["attention_mask"] = torch.cat([batch["attention_mask"], present], dim=1)
     batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
@@ -226,8 +240,8 @@ def update(policy, optimizer, processor, rows, *, micro_batch, mini_batches, tem
     size = -(-len(rows) // mini_batches)
     for m in range(0, len(rows), size):
         mini = rows[m:m + size]
-        n_tokens = sft.all_reduce_sum(torch.tensor(float(sum(sum(r.sampled or [1] * len(r.token_ids)) for r in mini)),
-                                                   device=device))  # sampled tokens in the mini-batch, all ranks
+        # sampled tokens in the mini-batch, all ranks
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(r.sampled_mask()) for r in mini)), device=device))
         for k in range(0, len(mini), micro_batch):
             mb = mini[k:k + micro_batch]
             batch, response, mask = sequence_batch(processor, mb, device)
@@ -235,16 +249,16 @@ def update(policy, optimizer, processor, rows, *, micro_batch, mini_batches, tem
             T = response.shape[1]
             old = logp.detach() if mb[0].old_logp is None else pad_rows([r.old_logp for r in mb], T, device)
             ref = pad_rows([r.ref_logp for r in mb], T, device) if beta else logp.detach()
-            loss, s = policy_loss(logp, old, ref, torch.tensor([r.advantage for r in mb], device=device), mask,
-                                  n_tokens, eps_low, eps_high, beta, dual_clip)
+            loss, part = policy_loss(logp, old, ref, torch.tensor([r.advantage for r in mb], device=device), mask,
+                                     n_tokens, eps_low, eps_high, beta, dual_clip)
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
             stats["loss"] += loss.item()
-            stats["kl"] += s["kl"].item()
-            stats["clipped"] += s["clipped"].item()
-            stats["ratio_dev"] = max(stats["ratio_dev"], s["ratio_dev"].item())
+            stats["kl"] += part["kl"].item()
+            stats["clipped"] += part["clipped"].item()
+            stats["ratio_dev"] = max(stats["ratio_dev"], part["ratio_dev"].item())
             stats["entropy"] += (entropy * mask).sum().item()
             stats["tokens"] += mask.sum().item()
-        stats["grad_norm"] = sft.clip_grad_norm([p for p in policy.parameters() if p.requires_grad], grad_clip)
+        stats["grad_norm"] = clip_grad_norm([p for p in policy.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
@@ -256,10 +270,10 @@ def refresh_inference_copy(policy, copy):
     tensor at a time, so the all-gather never holds more than one full tensor (collective: every rank calls it)."""
     copies = dict(copy.named_parameters()) | dict(copy.named_buffers())
     for name, p in [*policy.named_parameters(), *policy.named_buffers()]:  # buffers: rotary inv_freq, unsharded
-        copies[name].copy_(sft.full_tensor(p).to(copies[name].dtype))
+        copies[name].copy_(full_tensor(p).to(copies[name].dtype))
 
 
-def step_metrics(rows, rewards_, advantages, stats, group_size, device):
+def step_metrics(rows, reward, advantages, stats, group_size, device):
     """One step's numbers for metrics.jsonl, each formula beside its name, every sum taken over all ranks.
 
     Figure 5 of the paper plots: reward ("training reward"), loss ("policy gradient loss"), advantage ("mean
@@ -270,15 +284,15 @@ def step_metrics(rows, rewards_, advantages, stats, group_size, device):
     the share of tokens whose ratio was clipped; ratio_dev, the largest |ratio - 1| (0 on-policy); grad_norm.
     """
     lengths = [len(r.token_ids) for r in rows]
-    total = sft.all_reduce_dict({
-        "responses": len(rows), "reward": rewards_.sum().item(), "advantage": advantages.sum().item(),
-        "groups": len(rows) // group_size, "flat_groups": (rewards_.view(-1, group_size).std(1) == 0).sum().item(),
+    total = all_reduce_dict({
+        "responses": len(rows), "reward": reward.sum().item(), "advantage": advantages.sum().item(),
+        "groups": len(rows) // group_size, "flat_groups": (reward.view(-1, group_size).std(1) == 0).sum().item(),
         "response_tokens": sum(lengths), "truncated": sum(r.finish_reason == "length" for r in rows),
         "forced_exit": sum(r.finish_reason == "forced_exit" for r in rows),
         "tagged": sum(rewards.extract_answer(r.text, require_tags=True) is not None for r in rows),
         "kl": stats["kl"], "ppo_clipped": stats["clipped"], "entropy": stats["entropy"],
         "loss_tokens": stats["tokens"], "loss": stats["loss"]}, device)
-    largest = sft.all_reduce_dict({"response_len_max": max(lengths), "ratio_dev": stats["ratio_dev"]}, device, "max")
+    largest = all_reduce_dict({"response_len_max": max(lengths), "ratio_dev": stats["ratio_dev"]}, device, "max")
     per_response, per_token = total["responses"], max(total["loss_tokens"], 1)
     return {"reward": total["reward"] / per_response, "advantage": total["advantage"] / per_response,
             "loss": total["loss"], "response_len": total["response_tokens"] / per_response,
@@ -287,6 +301,46 @@ def step_metrics(rows, rewards_, advantages, stats, group_size, device):
             "flat_groups": total["flat_groups"] / total["groups"], "kl": total["kl"] / per_token,
             "ppo_clipped": total["ppo_clipped"] / per_token, "entropy": total["entropy"] / per_token,
             "ratio_dev": largest["ratio_dev"], "grad_norm": stats["grad_norm"]}
+
+def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, args, world, device, progress):
+    """Steps 1-7 on this rank's prompts. With --offload, the training state (policy shards, AdamW state, reference)
+    waits in host memory while the inference copy generates, and the copy waits while the policy trains."""
+    clock = runs.Stopwatch()
+    training_state = [*policy.parameters(), *optimizer_state(optimizer),
+                      *(reference.parameters() if reference is not None else [])]
+    with parked(training_state, args.offload):
+        # 1. rollouts; seeds follow (step, prompt), not the rank
+        rows = rollouts(infer, processor, prompts, seeds, group_size=args.group_size,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                        think_budget=args.think_budget, answer_budget=args.answer_budget, gen_batch=args.gen_batch,
+                        progress=progress)
+    clock.lap("generate")
+    with parked(infer.parameters(), args.offload):
+        # 2-3. rewards, and each response's advantage within its group
+        reward = score_rollouts(rows, args.reward_processes)                                 # (N,)
+        clock.lap("reward")
+        advantages = group_advantages(reward.view(-1, args.group_size), scale=not args.no_std).view(-1)  # (N,)
+        for row, a in zip(rows, advantages.tolist()):
+            row.advantage = a
+        # 4. log-probs under the reference (and the old policy, with several PPO mini-batches)
+        reference_and_old_logprobs(policy, reference, processor, rows, micro_batch=args.micro_batch,
+                                   temperature=args.temperature, need_old=args.ppo_mini_batches > 1, device=device)
+        clock.lap("logprob")
+        # 5-6. the loss and the update
+        policy.train()
+        stats = update(policy, optimizer, processor, rows, micro_batch=args.micro_batch,
+                       mini_batches=args.ppo_mini_batches, temperature=args.temperature, eps_low=args.eps_low,
+                       eps_high=args.eps_high, beta=args.beta, dual_clip=args.dual_clip, grad_clip=args.grad_clip,
+                       world=world, device=device)
+    # 7. the new weights into the inference copy
+    refresh_inference_copy(policy, infer)
+    clock.lap("update")
+    return {**step_metrics(rows, reward, advantages, stats, args.group_size, device), **clock.laps}
+
+
+def lr_at(step, args, total):
+    """B.2: linear warm-up over the first 10% of steps, then constant."""
+    return args.lr * min(1.0, (step + 1) / max(1, int(args.warmup * total)))
 
 
 # ====================================================================================================
@@ -299,24 +353,59 @@ CURVES = [("reward", ["reward"]), ("response length (tokens)", ["response_len", 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = sft.setup_distributed()
+    rank, world, device = setup_distributed()
+    policy, reference, infer, optimizer, processor, prompts = setup(args, rank, world, device)
+    steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)  # an epoch: one pass over the prompts
+    total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
+    state = runs.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
+    if args.resume:
+        refresh_inference_copy(policy, infer)
+    runs.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
+    metrics, preempt = runs.Metrics(args.out, rank, CURVES, f"grpo.py --out {args.out}"), runs.Preemption(device)
+    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
+    step = state["step"]
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = list(range(len(prompts)))
+        random.Random(args.seed * 1000 + epoch).shuffle(order)
+        mine = generate.shard(order[index * args.prompts_per_step:(index + 1) * args.prompts_per_step], rank, world)
+        lr = lr_at(step, args, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        seeds = [generate.row_seed(args.seed * 100_003 + step, i) for i in mine]  # per (step, prompt)
+        row = grpo_step(policy, reference, infer, optimizer, processor, [prompts[i] for i in mine], seeds, args,
+                        world, device, progress=rank == 0)
+        step += 1
+        row = {"step": step, "epoch": epoch, **row, "lr": lr}
+        metrics.log(**row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
+        bar.update(1)
+        due = bool(args.save_every and step % args.save_every == 0)
+        if runs.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
+            break
+    bar.close()
+    metrics.draw()
+    finish()
+    return policy
+
+
+def setup(args, rank, world, device):
+    """Inputs checked before anything loads or is written; then the prompts, the sharded policy, the frozen
+    reference, the unsharded inference copy and AdamW."""
     preset = ""
-    if args.data == "toy":  # the toy sums on a CPU in ~1 minute: reward rises, the format stays
-        preset = data.toy_preset(args, {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48,
-                                        "max_steps": 80, "lr": 3e-4, "beta": 0.0, "micro_batch": 32, "warmup": 0.0,
-                                        "save_every": 0})
-    sft.check_run_dir(args)
+    if args.data == "toy":  # the toy sums on a CPU: reward rises, the format stays
+        preset = toy_preset(args, {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "max_steps": 80,
+                                   "lr": 3e-4, "beta": 0.0, "micro_batch": 32, "warmup": 0.0, "save_every": 0})
+    runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)
     data.check_model(args.model)
     if args.prompts_per_step % world:
-        raise data.DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of {world} ranks")
+        raise DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of {world} ranks")
     torch.manual_seed(args.seed)
     prompts = data.load_rl_data(args.data)
     if len(prompts) < args.prompts_per_step:
-        raise data.DataError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step "
-                             f"{args.prompts_per_step}")
+        raise DataError(f"{len(prompts)} prompts cannot fill one step of --prompts-per-step {args.prompts_per_step}")
     if preset and rank == 0:
         print(preset, file=sys.stderr)
-
     processor = data.load_processor(args.model)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     # fp32 master weights, sharded, with activation checkpointing on GPU (4,096-token responses)
@@ -327,76 +416,11 @@ def main(argv=None):
     infer = inference_copy(policy, args.model, compute, device)  # unsharded, for rollouts
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)  # an epoch: one pass over the prompts
-    total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
-    warmup = max(1, int(args.warmup * total))
-    state = sft.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
-    if args.resume:
-        refresh_inference_copy(policy, infer)
-    sft.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
-    metrics, preempt = sft.Metrics(args.out, rank, CURVES, f"grpo.py --out {args.out}"), sft.Preemption(device)
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
-    step = state["step"]
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        order = list(range(len(prompts)))
-        random.Random(args.seed * 1000 + epoch).shuffle(order)
-        mine = generate.shard(order[index * args.prompts_per_step:(index + 1) * args.prompts_per_step], rank, world)
-        lr = args.lr * min(1.0, (step + 1) / warmup)  # B.2: linear warm-up over the first 10% of steps
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        clock = sft.Stopwatch()
-
-        # 1. rollouts. Seeds follow (step, prompt), not the rank. With --offload the training state waits in host
-        # memory while the inference copy generates, and the other way round during the update (40 GB cards).
-        parked = offload([*policy.parameters(), *optimizer_state(optimizer),
-                          *(reference.parameters() if reference is not None else [])]) if args.offload else []
-        seeds = [(args.seed * 100_003 + step) * 1_000_003 + i for i in mine]
-        rows = rollouts(infer, processor, [prompts[i] for i in mine], seeds, group_size=args.group_size,
-                        temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                        think_budget=args.think_budget, answer_budget=args.answer_budget, gen_batch=args.gen_batch,
-                        progress=rank == 0)
-        reload(parked)
-        parked = offload(infer.parameters()) if args.offload else []
-        clock.lap("generate")
-        # 2-3. rewards, and each response's advantage within its group
-        r = score(rows, args.reward_processes)                                                  # (N,)
-        clock.lap("reward")
-        advantages = group_advantages(r.view(-1, args.group_size), scale=not args.no_std).view(-1)  # (N,)
-        for row, a in zip(rows, advantages.tolist()):
-            row.advantage = a
-        # 4. log-probs under the reference (and the old policy, with several PPO mini-batches)
-        reference_and_old_logprobs(policy, reference, processor, rows, micro_batch=args.micro_batch,
-                                   temperature=args.temperature, need_old=args.ppo_mini_batches > 1, device=device)
-        clock.lap("logprob")
-        # 5-6. the loss and the update; 7. the new weights into the inference copy
-        policy.train()
-        stats = update(policy, optimizer, processor, rows, micro_batch=args.micro_batch,
-                       mini_batches=args.ppo_mini_batches, temperature=args.temperature, eps_low=args.eps_low,
-                       eps_high=args.eps_high, beta=args.beta, dual_clip=args.dual_clip, grad_clip=args.grad_clip,
-                       world=world, device=device)
-        reload(parked)
-        refresh_inference_copy(policy, infer)
-        clock.lap("update")
-
-        step += 1
-        row = {"step": step, "epoch": epoch, **step_metrics(rows, r, advantages, stats, args.group_size, device),
-               "lr": lr, **clock.laps}
-        metrics.log(**row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
-        bar.update(1)
-        due = bool(args.save_every and step % args.save_every == 0)
-        if sft.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
-            break
-    bar.close()
-    metrics.draw()
-    sft.finish()
-    return policy
+    return policy, reference, infer, optimizer, processor, prompts
 
 
 # ====================================================================================================
-# Plumbing: the inference copy, and parking state in host memory
+# The inference copy, and ragged rows into one tensor
 
 def inference_copy(policy, name, dtype, device):
     """An unsharded copy of the policy for rollouts, built empty and filled from the policy's shards (no second
@@ -408,33 +432,6 @@ def inference_copy(policy, name, dtype, device):
     return copy.eval()
 
 
-def offload(tensors, host="cpu"):
-    """Copy the bytes behind `tensors` to host memory and free them on the device (resize the storage to 0). The
-    tensor objects stay, so FSDP and the optimizer keep their references; reload() refills the same storages."""
-    saved, seen = [], set()
-    for t in tensors:
-        local = sft.local_tensor(t)
-        storage = local.untyped_storage()
-        if storage._cdata in seen or storage.nbytes() == 0 or not storage.resizable():
-            continue  # not resizable: e.g. CPU weights still mapped from the checkpoint file (nothing to gain)
-        seen.add(storage._cdata)
-        as_bytes = torch.empty(0, dtype=torch.uint8, device=local.device).set_(storage)
-        saved.append((storage, as_bytes.to(host, copy=True)))
-        storage.resize_(0)
-    return saved
-
-
-def reload(saved):
-    """Inverse of offload(): the bytes back into the same device storages."""
-    for storage, host in saved:
-        storage.resize_(host.numel())
-        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)
-
-
-def optimizer_state(optimizer):
-    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
-
-
 def pad_rows(values, width, device):
     """Ragged per-row tensors into one (B, width) tensor, zero-padded."""
     out = torch.zeros(len(values), width, device=device)
@@ -444,4 +441,4 @@ def pad_rows(values, width, device):
 
 
 if __name__ == "__main__":
-    data.cli(main)
+    cli(main)

@@ -10,6 +10,7 @@ The paper (§2.2) rewards a response 1 when its final answer is semantically equ
                                     through our own LaTeX -> sympy translation (sympy's parse_latex needs antlr)
     math_reward / choice_reward     the 1.0 / 0.0 that GRPO and evaluate.py use
     batch_rewards                   many of them in parallel helper processes, each with a hard deadline
+    official_choice, mmmu_*         MMMU-Pro's and MMMU's own parsers for untagged prose (evaluate.py's judges)
 
 Safety: model text is never `eval`'d: our translator emits only numbers, operators and whitelisted names, and
 `parse_expr` runs with empty builtins. Sizes are bounded before sympy, and sympy runs in a helper process that is
@@ -28,6 +29,7 @@ import select
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 # ----------------------------------------------------------------------------------------------------
 # Limits that keep any input cheap
@@ -177,6 +179,23 @@ def _argument(tokens, pos):
     return f"({text})", pos + 1
 
 
+def _function(tok, tokens, pos, depth):
+    """A function such as \\sin or \\log_2 applied to its argument, with an optional power (\\sin^2 x)."""
+    power, base = None, None
+    if tok == "\\log" and pos < len(tokens) and tokens[pos] == "_":  # \log_2 8
+        base, pos = _argument(tokens, pos + 1)
+    if pos < len(tokens) and tokens[pos] == "^":  # \sin^2 x = (sin x)^2
+        power, pos = _argument(tokens, pos + 1)
+    if pos < len(tokens) and tokens[pos] == "(":
+        arg, pos = _translate(tokens, pos + 1, ")", depth + 1)
+        pos += 1
+    else:
+        arg, pos = _argument(tokens, pos)
+    name = {"ln": "log", "arcsin": "asin", "arccos": "acos", "arctan": "atan"}.get(tok[1:], tok[1:])
+    arg = f"{arg}, {base}" if base else arg
+    return f"{name}({arg})" + (f"**{power}" if power else ""), pos
+
+
 def _translate(tokens, pos, stop, depth=0):
     if depth > MAX_DEPTH:
         raise NotMath("too deeply nested")
@@ -216,19 +235,8 @@ def _translate(tokens, pos, stop, depth=0):
             else:
                 raise NotMath("subscript")
         elif tok.startswith("\\") and tok[1:] in FUNCTIONS:
-            power, base = None, None
-            if tok == "\\log" and pos < len(tokens) and tokens[pos] == "_":  # \log_2 8
-                base, pos = _argument(tokens, pos + 1)
-            if pos < len(tokens) and tokens[pos] == "^":  # \sin^2 x = (sin x)^2
-                power, pos = _argument(tokens, pos + 1)
-            if pos < len(tokens) and tokens[pos] == "(":
-                arg, pos = _translate(tokens, pos + 1, ")", depth + 1)
-                pos += 1
-            else:
-                arg, pos = _argument(tokens, pos)
-            name = {"ln": "log", "arcsin": "asin", "arccos": "acos", "arctan": "atan"}.get(tok[1:], tok[1:])
-            arg = f"{arg}, {base}" if base else arg
-            out.append(f"{name}({arg})" + (f"**{power}" if power else ""))
+            call, pos = _function(tok, tokens, pos, depth)
+            out.append(call)
         elif tok.startswith("\\") and tok[1:] in GREEK:
             out.append(tok[1:] + "_")  # a symbol; the underscore keeps sympy from reading e.g. "beta" as a function
         elif tok == "|":
@@ -257,8 +265,8 @@ def _sympy():
     """Import sympy lazily: `import rewards` stays instant, and worker processes pay only when they need it."""
     global _SYMPY
     if _SYMPY is None:
-        import sympy
-        from sympy.parsing import sympy_parser as sp
+        import sympy  # heavy: see the docstring
+        from sympy.parsing import sympy_parser as sp  # heavy
         names = ("sqrt root sin cos tan cot sec csc asin acos atan sinh cosh tanh log exp Abs factorial pi E oo "
                  "I Integer Float Rational Symbol Add Mul Pow").split()
         whitelist = {name: getattr(sympy, name) for name in names}
@@ -583,13 +591,71 @@ def batch_rewards(responses, golds, options=None, processes=4, require_tags=Fals
     (math: math_equal) or the option texts (multiple choice: the gold is a letter). `require_tags`: see
     extract_answer."""
     global _POOL
-    from concurrent.futures import ThreadPoolExecutor
     items = [(r, g, o, require_tags) for r, g, o in zip(responses, golds, options or [None] * len(golds))]
     if processes <= 1:
         return [_score(it) for it in items]
     if _POOL is None or _POOL._max_workers != processes:  # threads (and their helpers) live across calls
         _POOL = ThreadPoolExecutor(processes)
     return list(_POOL.map(_score, items))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. The benchmarks' own parsers, ported rule for rule (evaluate.py reads untagged prose with them)
+
+def official_choice(response, options):
+    """MMMU-Pro's parse_multi_choice_response (mmmu-pro/evaluate.py), minus its random guess: None instead."""
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    last = response.rfind("Answer:")
+    if last != -1:
+        named = [c for c in letters if c in response[last + len("Answer:"):].strip()]
+        if len(named) == 1:
+            return named[0]
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = f" {response} "
+    candidates = [c for c in letters if f"({c})" in response]
+    brackets = bool(candidates)
+    candidates = (candidates or [c for c in letters if f"{c} " in response]
+                  or [c for c in letters if f"{c}." in response])
+    by_text = False
+    if not candidates and len(response.split()) > 5:
+        candidates = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
+        by_text = True
+    if not candidates:
+        return None
+    if by_text:  # several: the one mentioned last
+        return max(candidates, key=lambda c: response.lower().rfind(options[letters.index(c)].lower()))
+    return max(candidates, key=lambda c: response.rfind(f"({c})" if brackets else f" {c} "))
+
+
+def mmmu_normalize(s):
+    """MMMU's normalize_str: numbers to floats rounded to 2 decimals, other strings lower-cased."""
+    s = str(s).strip()
+    try:
+        return [round(float(s.replace(",", "")), 2)]
+    except ValueError:
+        s = s.lower()
+        return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+def mmmu_open_predictions(response):
+    """MMMU's parse_open_response: the tails of the key sentences plus every number in them."""
+    response = response.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys, indicators = [], ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+    for i, sentence in enumerate(sentences):
+        shortest = None  # the shortest tail; as in the original, an empty tail does not count as found
+        for ind in indicators + (["="] if i == len(sentences) - 1 else []):
+            tail = sentence.split(ind)[-1].strip() if ind in sentence else None
+            if tail is not None and (not shortest or len(tail) < len(shortest)):
+                shortest = tail
+        if shortest and shortest not in [":", ",", ".", "!", "?", ";", "'"]:
+            keys.append(shortest)
+    keys = keys or [response]
+    found = [n for k in keys for n in re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", k)
+             + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", k)
+             + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", k)]
+    return [p for s in keys + found for p in mmmu_normalize(s)]
 
 
 if __name__ == "__main__":

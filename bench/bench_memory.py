@@ -10,7 +10,7 @@ shape, sharded by sft.shard_model (bf16 compute, fp32 master weights and reducti
 the loss is sft.token_loss_sum / grpo.token_logprobs + grpo.policy_loss, AdamW steps, the GRPO inference copy
 is filled by grpo.refresh_inference_copy and the rollout KV cache is transformers' DynamicCache as generate.py
 builds it (a prompt prefill, the cache grown to prompt + new tokens, one decode step). --offload calls
-grpo.offload/reload as grpo.py does.
+plumbing.distributed.offload/reload as grpo.py does.
 
 Counting: a TorchDispatchMode sees each tensor an op creates and follows its storage until it is freed, or resized
 (FSDP frees and refills its all-gather buffers that way); the peak of live bytes is split into the policy's
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate  # noqa: E402
 import grpo  # noqa: E402
 import sft  # noqa: E402
+from plumbing import distributed  # noqa: E402
 
 GIB = 2 ** 30
 # Qwen2.5-VL's published config.json values (Qwen/Qwen2.5-VL-{7B,3B}-Instruct on the hub)
@@ -201,7 +202,7 @@ def tokens(batch, length, vocab):
 def split_at(tracker, t, model, trainable, optimizer):
     """The bytes of the policy's parameter shards, gradient shards and optimizer state at clock time t."""
     groups = {"params": list(model.parameters()), "grads": [p.grad for p in trainable if p.grad is not None],
-              "optimizer": grpo.optimizer_state(optimizer)}
+              "optimizer": distributed.optimizer_state(optimizer)}
     return {k: tracker.bytes_at(v, t) for k, v in groups.items()}
 
 
@@ -250,13 +251,13 @@ def grpo_steps(args, policy, reference, infer, vocab, tracker):
     B, P, T = args.micro_batch, args.prompt_len, args.new_tokens
     for step in range(2):  # a warm-up step, then the measured one
         tracker.reset_peak()
-        parked = grpo.offload([*policy.parameters(), *grpo.optimizer_state(optimizer),
+        parked = distributed.offload([*policy.parameters(), *distributed.optimizer_state(optimizer),
                                *(reference.parameters() if reference is not None else [])], host="meta") \
             if args.offload else []
         kv_cache = rollout_phase(args, infer, vocab)
         rollout = (tracker.peak, tracker.t_peak)
-        grpo.reload(parked)
-        parked = grpo.offload(infer.parameters(), host="meta") if args.offload else []
+        distributed.reload(parked)
+        parked = distributed.offload(infer.parameters(), host="meta") if args.offload else []
         tracker.reset_peak()
         response = tokens(B, T, vocab)
         batch = {"input_ids": torch.cat([tokens(B, P, vocab), response], 1),
@@ -278,7 +279,7 @@ def grpo_steps(args, policy, reference, infer, vocab, tracker):
         peak, t_peak = max(rollout, update)
         split = split_at(tracker, t_peak, policy, trainable, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        grpo.reload(parked)
+        distributed.reload(parked)
         grpo.refresh_inference_copy(policy, infer)
     detail = {"phase": "rollout" if rollout >= update else "update", "t_peak": t_peak, "rollout_peak_gib": rollout[0] / GIB,
               "update_peak_gib": update[0] / GIB, "kv_cache_gib": kv_cache / GIB,

@@ -71,11 +71,11 @@ def snapshot(path):
 
 
 def cli_error(main, argv, capsys):
-    """Run a script's main as its command line does (data.cli): (exit status, stderr lines). sys.exit(message)
+    """Run a script's main as its command line does (plumbing.cli.cli): (exit status, stderr lines). sys.exit(message)
     prints the message to stderr and exits with status 1, so it is appended after what was printed before."""
-    import data
+    from plumbing.cli import cli
     with pytest.raises(SystemExit) as exc:
-        data.cli(lambda: main(argv))
+        cli(lambda: main(argv))
     code = exc.value.code
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     return (1, lines + [code]) if isinstance(code, str) else (code, lines)

@@ -211,7 +211,7 @@ def test_tiny_round_trip_gives_identical_logits(model, processor, tmp_path):
 
 def test_tiny_build_is_deterministic(tiny_path, tmp_path):
     from safetensors.torch import load_file
-    tiny.build(tmp_path)
+    tiny.build(tmp_path, data.tiny_corpus())
     assert (tmp_path / "tokenizer.json").read_text() == (data.Path(tiny_path) / "tokenizer.json").read_text()
     a, b = load_file(tmp_path / "model.safetensors"), load_file(data.Path(tiny_path) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

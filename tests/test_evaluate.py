@@ -9,6 +9,7 @@ import torch
 
 import data
 import evaluate as ev
+from plumbing import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 MATHVISTA = json.loads((ROOT / "toy" / "mathvista.json").read_text())  # real testmini annotations
@@ -293,7 +294,7 @@ def test_end_to_end_three_benchmarks(tmp_path):
             template = data.EVAL_MATH_PROMPT if s["bench"] == "mathvista" else data.EVAL_MC_PROMPT
             assert r["prompt"].startswith(template.split("{question}")[0])
     results = (tmp_path / "results.md").read_text()
-    fingerprint = data.model_fingerprint("tiny")
+    fingerprint = runs.fingerprint(data.resolve_model("tiny"))
     assert results.splitlines()[0] == f"model: `tiny` (fingerprint {fingerprint})" and results.count("\n") == 7
     assert summary["mathvista"]["model"] == "tiny" and summary["mathvista"]["fingerprint"] == fingerprint
 
@@ -313,7 +314,7 @@ def test_resume_generates_only_what_is_missing(tmp_path, monkeypatch, capsys):
     run_eval(tmp_path / "cut", "--bench", "medqa,mmlu-pro")
     assert calls == [2, 3]  # 3 and 4 items, one of each already done
     for b in ("medqa", "mmlu-pro"):
-        got = {(r["id"], r["response"]) for r in data.read_records(tmp_path / "cut", b).values()}
+        got = {(r["id"], r["response"]) for r in ev.read_records(tmp_path / "cut", b).values()}
         want = {(r["id"], r["response"]) for r in map(json.loads, full[b].splitlines())}
         assert got == want  # greedy: the resumed run reproduces the straight run
     with pytest.raises(data.DataError, match="not evaluated: medqa"):
@@ -335,11 +336,11 @@ def test_samples_no_image_and_text_solvable(tmp_path):
     by_id = {}
     for r in lines:
         by_id.setdefault(r["id"], []).append(r["correct"])
-    assert data.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
+    assert ev.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("1\n2\n5\n")
     (s,) = run_eval(tmp_path / "rest", "--bench", "mathvista", "--exclude-ids", str(exclude), "--limit", "4")
-    ids = {i for i, _ in data.read_records(tmp_path / "rest", "mathvista")}
+    ids = {i for i, _ in ev.read_records(tmp_path / "rest", "mathvista")}
     assert s["n"] == 4 and ids == {"4", "10", "19", "74"}  # the first four after the exclusion
     # annotations without their images (e.g. ../shared/data): --no-image never opens them
     rows = {k: dict(v, image=f"images/missing_{k}.png") for k, v in MATHVISTA.items()}
@@ -381,8 +382,8 @@ def test_cli_and_two_ranks_match_one_process(tmp_path):
                          + ["--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "rror" in l or "line" in l)[-3000:]
     for b in ("mathvista", "mmmu-pro"):
-        a = {k: r["response"] for k, r in data.read_records(tmp_path / "one", b).items()}
-        c = {k: r["response"] for k, r in data.read_records(tmp_path / "two", b).items()}
+        a = {k: r["response"] for k, r in ev.read_records(tmp_path / "one", b).items()}
+        c = {k: r["response"] for k, r in ev.read_records(tmp_path / "two", b).items()}
         assert a == c and len(list((tmp_path / "two").glob(f"{b}.rank*.jsonl"))) == 2
     bad = subprocess.run([sys.executable, "evaluate.py", "--bench", "nope", "--model", "tiny"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -421,7 +422,7 @@ def test_every_published_number_is_there_with_its_source():
                "mmmu-health": (56.7, 57.3, 60.0, 64.0), "medxpertqa-mm": (22.2, 23.8, 23.8, 26.4)}
     table5 = {"mmmu": (53.0, 56.4), "mmmu-pro": (38.7, 43.0), "mathvista": (62.8, 69.0), "mathvision": (25.0, 29.6)}
     table4 = {"mmlu-pro": (47.6, 53.3), "mmlu-pro-health": (47.8, 53.1), "mmmu-pro": (38.3, 42.5), "nejm": (41.8, 45.7)}
-    have = {(b, m, v, src) for b, m, v, src in data.PAPER}
+    have = {(b, m, v, src) for b, m, v, src in ev.PAPER}
     for b, values in figure1.items():
         for model, v in zip(("base", "sota", "xr", "med"), values):
             assert v is None or (b, model, v, "F1") in have, (b, model)
@@ -429,13 +430,13 @@ def test_every_published_number_is_there_with_its_source():
         assert {(b, "base", base, "T5"), (b, "xr", xr, "T5")} <= have
     for b, (base, xr) in table4.items():
         assert {(b, "base", base, "T4"), (b, "xr", xr, "T4")} <= have
-    assert data.TEXT_SOLVABLE["mmmu-pro"] == (1730, 259, 1471, 33.4, 36.4)
-    for original, solvable, left, base, xr in data.TEXT_SOLVABLE.values():
+    assert ev.TEXT_SOLVABLE["mmmu-pro"] == (1730, 259, 1471, 33.4, 36.4)
+    for original, solvable, left, base, xr in ev.TEXT_SOLVABLE.values():
         assert original - solvable == left and xr > base
-    assert set(data.TEXT_SOLVABLE) == {"mmmu", "mmmu-pro", "mathvista", "mathvision", "mmstar"}
-    assert data.paper_numbers("mmmu")["base"] == "53.2 (F1); 53.0 (T5)"  # two sources disagree: both kept
-    assert data.paper_numbers("mmmu-pro")["xr"] == "43.0 (F1, T5); 42.5 (T4)"
-    assert all(b in ev.BENCHMARKS for b, *_ in data.PAPER)
+    assert set(ev.TEXT_SOLVABLE) == {"mmmu", "mmmu-pro", "mathvista", "mathvision", "mmstar"}
+    assert ev.paper_numbers("mmmu")["base"] == "53.2 (F1); 53.0 (T5)"  # two sources disagree: both kept
+    assert ev.paper_numbers("mmmu-pro")["xr"] == "43.0 (F1, T5); 42.5 (T4)"
+    assert all(b in ev.BENCHMARKS for b, *_ in ev.PAPER)
 
 
 def test_compare_table_shows_every_number_and_table_6(capsys):
@@ -463,14 +464,14 @@ def test_medqa_five_options_and_mmmu_pro_nested_options():
 
 def test_exclude_ids_is_the_union_of_several_files(tmp_path):
     a, b = tmp_path / "base.tsv", tmp_path / "xr.tsv"
-    data.write_solvable(a, "mathvista", ["1", "2"])
-    data.write_solvable(a, "mmmu", ["validation_Art_1"])
-    data.write_solvable(b, "mathvista", ["2", "5"])
-    data.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
+    ev.write_solvable(a, "mathvista", ["1", "2"])
+    ev.write_solvable(a, "mmmu", ["validation_Art_1"])
+    ev.write_solvable(b, "mathvista", ["2", "5"])
+    ev.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
     plain = tmp_path / "plain.txt"
     plain.write_text("10\n")
-    assert data.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
-    assert data.read_ids([a], "mmmu") == {"validation_Art_1"}
+    assert ev.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
+    assert ev.read_ids([a], "mmmu") == {"validation_Art_1"}
     args = ev.parse_args(["--exclude-ids", f"{a},{b}", "--exclude-ids", str(plain)])
     assert args.exclude_ids == [str(a), str(b), str(plain)]
 
@@ -553,4 +554,4 @@ def test_custom_items_their_template_and_the_template_flag(tmp_path):
         assert records["choice"]["prompt"] == text.format(question="Which is larger?") + " Options:\n\nA: 1\nB: 2"
         assert records["picture"]["prompt"] == text.format(question="What is <image 1>?")
         assert all(r["correct"] == ev.score("custom", r["response"], rows[i]) for i, r in records.items())
-    assert "custom" not in ev.which(ev.parse_args(["--bench", "all"]))[0]  # all: the paper's benchmarks only
+    assert "custom" not in ev.requested(ev.parse_args(["--bench", "all"]))[0]  # all: the paper's benchmarks only

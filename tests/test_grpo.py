@@ -10,6 +10,7 @@ import torch
 import data
 import generate
 import grpo
+from plumbing import distributed
 
 ROOT = data.TOY_DIR.parent
 
@@ -363,9 +364,9 @@ def test_offload_changes_where_state_waits_not_the_result(sft_tiny, tmp_path):
 def test_offload_frees_and_restores_storages():
     t = torch.arange(10.0)
     view = t[2:5]
-    saved = grpo.offload([t, view])  # one storage, offloaded once
+    saved = distributed.offload([t, view])  # one storage, offloaded once
     assert len(saved) == 1 and t.untyped_storage().nbytes() == 0
-    grpo.reload(saved)
+    distributed.reload(saved)
     assert torch.equal(t, torch.arange(10.0)) and torch.equal(view, torch.tensor([2.0, 3.0, 4.0]))
 
 

@@ -9,6 +9,7 @@ import torch
 
 import data
 import sft
+from plumbing import charts
 
 ROOT = data.TOY_DIR.parent
 ARGS = ["--model", "tiny", "--data", "toy", "--global-batch", "8", "--lr", "1e-3"]
@@ -255,7 +256,8 @@ import json, resource, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[3])
 import sft
-rank, world, device = sft.setup_distributed()
+from plumbing.distributed import setup_distributed
+rank, world, device = setup_distributed()
 with torch.device("meta"):  # import the model code first: its ~250 MB are not the load's
     sft.data.model_from_config(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -408,9 +410,9 @@ def test_curves_svg_is_well_formed_and_plots_the_metrics(sft_tiny):
 
 
 def test_nice_ticks_by_hand():
-    assert sft.nice_ticks(0, 7) == [0, 2, 4, 6, 8]
-    assert sft.nice_ticks(0.001, 0.0049) == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005])
-    assert sft.nice_ticks(3, 3) == [1, 2, 3, 4, 5]  # a flat series still gets an axis
+    assert charts.nice_ticks(0, 7) == [0, 2, 4, 6, 8]
+    assert charts.nice_ticks(0.001, 0.0049) == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005])
+    assert charts.nice_ticks(3, 3) == [1, 2, 3, 4, 5]  # a flat series still gets an axis
 
 
 # ----------------------------------------------------------------------------------------------------

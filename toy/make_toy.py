@@ -121,6 +121,11 @@ def eval_fixtures():
         row.update({"explanation": "", "img_type": "['Diagrams']", "topic_difficulty": "Medium"})
         row.update({f"image_{k}": None for k in range(2, 8)})
     (HERE / "mmmu_pro.json").write_text(json.dumps(pro, indent=1))
+    text_fixtures()
+
+
+def text_fixtures():
+    """The text-only benchmark fixtures: MedQA (4 options) and MMLU-Pro rows in their published schemas."""
     medqa = [
         ("A 23-year-old woman has fever and dysuria. Urine culture grows a lactose-fermenting gram-negative rod. "
          "Which organism is most likely?", ["Escherichia coli", "Proteus mirabilis", "Pseudomonas aeruginosa",

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -153,8 +155,7 @@ FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf"  # Pillow's ow
 
 def render(text, path, cell=28):
     """One character per 28-pixel cell (one visual token after Qwen2.5-VL's 2x2 merge), a bold monospace font at
-    26 px: smaller or thinner glyphs stayed unread for minutes in the probe that issue #16 reports."""
-    from PIL import Image, ImageDraw, ImageFont
+    26 px: smaller or thinner glyphs stayed unread for minutes in an earlier probe (README)."""
     font = ImageFont.truetype(FONT, 26) if Path(FONT).exists() else ImageFont.load_default(size=26)
     picture = Image.new("L", (cell * len(text), cell), 255)
     draw = ImageDraw.Draw(picture)
@@ -288,9 +289,9 @@ def one_seed(args, seed):
         head = args.hidden // 32
         # every rotary frequency on the width axis: Qwen2.5-VL gives the width axis the lowest ones (t, h, w take
         # the bands in that order), so a random ViT's columns all look alike to the language model (README)
-        tiny.build(init, text=dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                                   num_hidden_layers=args.layers, num_attention_heads=head,
-                                   num_key_value_heads=max(1, args.hidden // 96)),
+        tiny.build(init, data.tiny_corpus(),
+                   text=dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=head, num_key_value_heads=max(1, args.hidden // 96)),
                    vision=dict(depth=3, hidden_size=args.vision_hidden, intermediate_size=2 * args.vision_hidden,
                                num_heads=max(2, args.vision_hidden // 32), fullatt_block_indexes=[0, 1, 2]),
                    seed=seed, sections=[0, 0, args.hidden // head // 2])

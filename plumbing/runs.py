@@ -1,0 +1,295 @@
+"""Run directories: flags, checks, checkpoints and their retention, preemption, metrics.jsonl, timing and MFU.
+
+A run directory is never overwritten by accident and a resume continues the same run: its settings are recorded
+(args.json, and in every checkpoint) and compared on --resume. Checkpoints are written aside and renamed into
+place, so a crash never leaves half of one under its final name.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import transformers
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from tqdm import tqdm
+from transformers.utils import logging
+
+from plumbing.charts import svg_lines
+from plumbing.cli import DataError, passed_flags
+from plumbing.distributed import any_rank, barrier, full_state_dict
+
+# The run-directory flags themselves may differ on --resume; each stage adds its own (those that change nothing
+# the run computes, e.g. --micro-batch) when it calls check_run_dir.
+RUN_FLAGS = {"resume", "out", "overwrite", "allow_changes", "final_state"}
+
+
+def parse(ap, argv):
+    """Add the run-directory flags (the same for every training stage), then parse; `passed` records which flags
+    were given, so a preset fills in only the others."""
+    ap.add_argument("--final-state", action="store_true", help="final also keeps the optimizer state (to continue)")
+    # run directory
+    ap.add_argument("--resume", default=None, help="continue from this checkpoint (a step_N directory)")
+    ap.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    ap.add_argument("--allow-changes", action="store_true", help="--resume even if settings differ from the run's")
+    args = ap.parse_args(argv)
+    args.passed = passed_flags(ap, argv)
+    return args
+
+
+def settings(args):
+    """The run's settings as JSON has them (tuples become lists), without the bookkeeping of which were passed."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "passed"}))
+
+
+def step_dirs(out):
+    """The step_N checkpoints in `out`, oldest first."""
+    return sorted(Path(out).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def check_run_dir(args, may_change=()):
+    """Before anything loads: a new run needs --out empty or absent (or --overwrite) and writable; --resume needs
+    a checkpoint of this script whose recorded settings match, but for `may_change` (or --allow-changes)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory")
+    if args.resume:
+        state = Path(args.resume) / "train_state.json"
+        if not state.exists():
+            raise DataError(f"--resume {args.resume}: not a checkpoint of this script (no train_state.json)")
+        if not (Path(args.resume) / "train_state").is_dir():
+            raise DataError(f"--resume {args.resume}: holds the weights alone, no optimizer state (a final "
+                            f"checkpoint keeps it with --final-state)")
+        recorded, now = json.loads(state.read_text()).get("args", {}), settings(args)
+        changed = [f"--{k.replace('_', '-')} {recorded[k]} -> {v}" for k, v in now.items()
+                   if k in recorded and k not in RUN_FLAGS | set(may_change) and recorded[k] != v]
+        if changed and not args.allow_changes:
+            raise DataError(f"--resume with other settings than the run's: {', '.join(changed)}; "
+                            f"pass --allow-changes to continue anyway")
+        if changed:
+            print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+    elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        saved = step_dirs(out) + sorted(out.glob("final"))
+        hint = f"continue it with --resume {saved[-1]}, or " if saved and not (out / "final").exists() else ""
+        raise DataError(f"--out {out} already holds a run; {hint}pass --overwrite to replace it, or choose "
+                        f"another --out")
+    check_writable(out, "--out")
+
+
+def check_writable(out, flag):
+    existing = next(p for p in [Path(out), *Path(out).parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write to {flag} {out}: {existing} is not a writable directory")
+
+
+def start_run(args, stage, rank, world, resumed_step=None):
+    """Once model and data have loaded: create --out (emptied first with --overwrite), record the run's settings
+    and library versions in args.json, and after a resume drop the metrics of steps past the checkpoint."""
+    out = Path(args.out)
+    try:
+        if rank == 0:
+            if args.overwrite and not args.resume and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"stage": stage, "args": settings(args), "world": world,
+                      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                                   "transformers": transformers.__version__}}
+            if resumed_step is not None and (out / "args.json").exists():
+                record = json.loads((out / "args.json").read_text())
+                record.setdefault("resumes", []).append({"from": args.resume, "step": resumed_step,
+                                                         "args": settings(args)})
+            write_atomic(out / "args.json", json.dumps(record, indent=1))
+            metrics = out / "metrics.jsonl"
+            if resumed_step is not None and metrics.exists():  # steps after the checkpoint will be run again
+                rows = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+                write_atomic(metrics, "".join(row + "\n" for row in rows))
+        barrier()
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write to --out {out}: {e.strerror}") from e
+
+
+def write_atomic(path, text):
+    """Write aside, then rename: a reader never sees half a file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: an HF directory from_pretrained loads, plus the sharded training state to resume from
+
+def atomic_dir(final):
+    """A temporary sibling directory; `commit(tmp, final)` renames it into place, so readers never see half."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.parent / f".{final.name}.tmp"
+
+
+def commit(tmp, final):
+    final = Path(final)
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """torch.distributed.checkpoint warns when it runs without a process group; a world of one is a fine user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(model, optimizer, processor, path, state, rank, resumable=True):
+    """An HF directory (config, sharded safetensors, processor) that from_pretrained loads, plus, if `resumable`,
+    the training state in `train_state/` (torch.distributed.checkpoint). Written aside, then renamed."""
+    tmp = atomic_dir(path)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    weights = full_state_dict(model)
+    if rank == 0:
+        logging.disable_progress_bar()  # no "saving shards" bar for every checkpoint a run writes
+        model.save_pretrained(tmp, state_dict=weights, max_shard_size="2GB")
+        processor.save_pretrained(tmp)
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+    if resumable:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with quiet_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_{rank}.pt")
+    barrier()
+    if rank == 0:
+        commit(tmp, path)
+    barrier()
+
+
+def load_checkpoint(model, optimizer, path, rank):
+    """Restore model, optimizer and RNG from save_checkpoint(); returns the saved `state` dict."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    bundle = {"model": model_sd, "optim": optim_sd}
+    with quiet_dcp():
+        dcp.load(bundle, checkpoint_id=str(path / "train_state"))
+    set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+    rng = torch.load(path / f"rng_{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return json.loads((path / "train_state.json").read_text())
+
+
+def prune_checkpoints(out, keep):
+    """Keep the newest `keep` step_N checkpoints (0: all); called once a newer one is safely in place, so the
+    checkpoint a run resumed from survives until `keep` newer ones exist. `final` is never pruned."""
+    for old in step_dirs(out)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Preemption:
+    """SIGTERM (cluster preemption) sets a flag; the loop saves at the end of the step and exits cleanly."""
+
+    def __init__(self, device):
+        self.requested, self.device = False, device
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+    def check(self):
+        return any_rank(self.requested, self.device)  # every rank must agree to stop at the same step
+
+
+def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due=False):
+    """Save at the last step, when `due` (epoch end, --save-every) or on SIGTERM; True means stop now. A preempted
+    run exits 0 after its save (torchrun counts anything else as a crash): it is finished when --out/final
+    exists, and otherwise continues with the --resume printed here."""
+    stop = preempt.check()
+    if stop or due or step == total:
+        final = step == total and not stop
+        path = Path(args.out) / ("final" if final else f"step_{step}")
+        # final holds the weights alone (the optimizer state is twice their size) unless --final-state
+        save_checkpoint(model, optimizer, processor, path, {"step": step, "args": settings(args)}, rank,
+                        resumable=not final or args.final_state)
+        if rank == 0:
+            prune_checkpoints(Path(args.out), args.keep)
+            tqdm.write(f"saved {path}" + (f"; continue with --resume {path}" if stop else ""), file=sys.stderr)
+    return stop
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a run reports
+
+class Metrics:
+    """metrics.jsonl on rank 0, one JSON object per step, and curves.svg beside it: one line chart per panel,
+    (title, [metric keys]), redrawn at most every 20 s and when the run ends."""
+
+    def __init__(self, out, rank, panels, title):
+        self.path, self.panels, self.title, self.drawn = Path(out), panels, title, 0.0
+        self.rows = [json.loads(line) for line in (self.path / "metrics.jsonl").read_text().splitlines()] \
+            if rank == 0 and (self.path / "metrics.jsonl").exists() else []  # a resumed run's earlier steps
+        self.file = open(self.path / "metrics.jsonl", "a") if rank == 0 else None
+
+    def log(self, **row):
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            self.rows.append(row)
+            if time.monotonic() - self.drawn > 20:
+                self.draw()
+
+    def draw(self):
+        if self.file and self.rows:
+            write_atomic(self.path / "curves.svg", svg_lines(self.rows, self.panels, self.title))
+            self.drawn = time.monotonic()
+
+
+class Stopwatch:
+    """Seconds per phase of a step, as metrics: laps["sec_generate"] and so on."""
+
+    def __init__(self):
+        self.laps, self.t = {}, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.laps[f"sec_{name}"], self.t = now - self.t, now
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU (NVIDIA's data sheets)
+
+
+def mfu(tokens_per_s_per_gpu, n_params, device):
+    """Model FLOPs utilization: 6 * params FLOPs per trained token (forward + backward) over the GPU's peak."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return 6 * n_params * tokens_per_s_per_gpu / peak if peak else None
+
+
+def fingerprint(path):
+    """A short hash of what a model's outputs depend on: its config, and per weight file the size and 16 evenly
+    spaced 4 KiB samples of the weights (retrained weights differ everywhere; reading 64 KiB per file is fast at
+    any size). For a hub id, the id itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    h = hashlib.sha1((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(4096))
+    return h.hexdigest()[:12]

@@ -1,0 +1,122 @@
+"""The repository's shape, read from its source with ast: modules import each other in layers, never in a circle;
+imports sit at the top unless marked heavy or optional; stage files and functions stay short enough to read."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["rewards.py", "data.py", "generate.py", "sft.py", "grpo.py", "evaluate.py"]
+
+# Each module may import only from layers below its own. `plumbing` and the tiny-model builder import nothing
+# above them; the stages stack in the order a reader meets them; toy/ and bench/ sit on top.
+LAYERS = [
+    {"rewards", "toy.tiny", "plumbing", "plumbing.cli", "plumbing.charts", "plumbing.distributed"},
+    {"plumbing.runs", "plumbing.tokens"},
+    {"data"},
+    {"generate"},
+    {"sft"},
+    {"grpo", "evaluate"},
+    {"toy.make_toy", "toy.miniature", "bench.bench_generate"},
+    {"bench.bench_sft", "bench.bench_memory", "bench.bench_rewards"},
+]
+RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def modules():
+    """{module name: path} for every Python file of the repository outside tests/."""
+    found = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".git") or rel.parts[0].startswith("."):
+            continue
+        name = ".".join(rel.with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def project_imports(name, path, known):
+    """The project modules `name` imports anywhere in its file (function-local imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if name.startswith("bench.") and f"bench.{t}" in known:  # bench scripts import their siblings by name
+                t = f"bench.{t}"
+            if t in known and t != name:
+                out.add(t)
+    return out
+
+
+def test_every_module_has_a_layer_and_imports_only_below_it():
+    known = modules()
+    assert set(known) == set(RANK), f"place new modules in LAYERS: {sorted(set(known) ^ set(RANK))}"
+    upward = [f"{name} -> {t}" for name, path in known.items() for t in project_imports(name, path, known)
+              if RANK[t] >= RANK[name]]
+    assert not upward, f"imports that go up or sideways: {upward}"
+
+
+def test_the_import_graph_has_no_cycle():
+    """Independent of the layer table: a depth-first search over the graph finds no way back to a module."""
+    known = modules()
+    graph = {name: project_imports(name, path, known) for name, path in known.items()}
+    state = {}
+
+    def visit(node, trail):
+        if state.get(node) == "open":
+            raise AssertionError(f"import cycle: {' -> '.join(trail + [node])}")
+        if state.get(node) is None:
+            state[node] = "open"
+            for nxt in graph[node]:
+                visit(nxt, trail + [node])
+            state[node] = "done"
+    for node in graph:
+        visit(node, [])
+
+
+def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
+    """The two tests above can fail: on a made-up pair of modules that import each other, both notice."""
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
+    known = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
+    assert project_imports("a", known["a"], known) == {"b"}
+    assert project_imports("b", known["b"], known) == {"a"}  # found inside a function too
+
+
+def test_function_local_imports_are_marked_heavy_or_optional():
+    known = modules()
+    unmarked = []
+    for name, path in known.items():
+        if name.startswith("bench."):
+            continue
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and not any(
+                            w in lines[node.lineno - 1] for w in ("# heavy", "# optional")):
+                        unmarked.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not unmarked, f"function-local imports without a reason: {unmarked}"
+
+
+def code_lines(path):
+    return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+def test_stage_files_and_functions_stay_readable():
+    """Each stage file at most 500 non-blank, non-comment lines (rewards.py, a LaTeX translator, 650), all six at
+    most 2,500, plumbing/ at most 700; no function longer than 60 lines outside bench/."""
+    sizes = {f: code_lines(ROOT / f) for f in STAGES}
+    assert all(n <= (650 if f == "rewards.py" else 500) for f, n in sizes.items()), sizes
+    assert sum(sizes.values()) <= 2500, sizes
+    assert sum(code_lines(p) for p in (ROOT / "plumbing").glob("*.py")) <= 700
+    long = []
+    for name, path in modules().items():
+        if not name.startswith("bench."):
+            long += [f"{path.relative_to(ROOT)}:{fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
+                     for fn in ast.walk(ast.parse(path.read_text())) if isinstance(fn, ast.FunctionDef)
+                     and fn.end_lineno - fn.lineno + 1 > 60]
+    assert not long, long
