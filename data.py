@@ -597,23 +597,26 @@ def model_from_config(name, dtype=None):
     return model
 
 
-if __name__ == "__main__":
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="build/resolve a model (`tiny`) and print its path")
     ap.add_argument("--sft", help="convert an SFT source (`toy`, path, hub id) and print statistics")
     ap.add_argument("--rl", help="convert an RL source (`toy`, path, URL) and print statistics")
-    ap.add_argument("--max-len", type=int, default=4096)
-    args = ap.parse_args()
+    ap.add_argument("--max-len", type=int, default=4096, help="SFT truncation length (B.1: 4,096)")
+    args = ap.parse_args(argv)
+    if not (args.model or args.sft or args.rl):
+        ap.print_help()
+    if args.model:
+        print(resolve_model(args.model))
+    if args.sft:
+        ex = load_sft_data(args.sft, load_processor(args.model or "tiny"), args.max_len)
+        lengths = sorted(ex.lengths)
+        print(f"{len(ex)} examples; tokens min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
+    if args.rl:
+        rows = load_rl_data(args.rl)
+        print(f"{len(rows)} prompts; first: {rows[0]['messages'][0]['content'][-1]['text'][-80:]!r} "
+              f"-> {rows[0]['answer']!r}")
 
-    def main():
-        if args.model:
-            print(resolve_model(args.model))
-        if args.sft:
-            ex = load_sft_data(args.sft, load_processor(args.model or "tiny"), args.max_len)
-            lengths = sorted(ex.lengths)
-            print(f"{len(ex)} examples; tokens min {lengths[0]} median {lengths[len(lengths) // 2]} max {lengths[-1]}")
-        if args.rl:
-            rows = load_rl_data(args.rl)
-            print(f"{len(rows)} prompts; first: {rows[0]['messages'][0]['content'][-1]['text'][-80:]!r} "
-                  f"-> {rows[0]['answer']!r}")
+
+if __name__ == "__main__":
     cli(main)

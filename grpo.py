@@ -29,7 +29,6 @@ copies per step.
 Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine, no
 tensor parallelism); rollouts run in plain PyTorch, not an optimized serving engine.
 """
-
 import random
 import sys
 from dataclasses import dataclass
