@@ -61,6 +61,20 @@ def test_resume_continues_exactly(tmp_path):
     assert json.loads((first / "final" / "train_state.json").read_text())["step"] == 4
 
 
+def test_one_device_runs_the_fsdp2_code_of_n_devices(tmp_path):
+    """Plain `python sft.py` starts a process group of one and shards with FSDP2 like torchrun's ranks do, so one
+    GPU gets the same bf16 mixed precision as eight (the plain model would compute in fp32)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    model = sft.main([*ARGS, "--micro-batch", "8", "--max-steps", "1", "--out", str(tmp_path)])
+    assert dist.is_initialized() and dist.get_world_size() == 1
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    policy = sft.shard_model(data.load_model("tiny"), torch.device("cpu"), bf16=True)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}  # master weights stay fp32
+    hidden = sft.last_hidden(policy, input_ids=torch.tensor([[1, 20, 30]]))
+    assert hidden.dtype == torch.bfloat16  # computed in bf16, as on a GPU
+
+
 def test_checkpoint_loads_with_from_pretrained_and_matches_memory(tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
     model = sft.main([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--out", str(tmp_path)]).eval()
