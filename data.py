@@ -2,24 +2,20 @@
 
 Every stage imports this file; it holds no training logic. In pipeline order:
 
-- What the paper prints: its prompt templates (appendix C), word for word (its published numbers are in
-  evaluate.py, beside the benchmarks).
+- The paper's prompt templates (appendix C), word for word (its published numbers are in evaluate.py).
 - SFT rows: OpenThoughts-114k (`conversations=[{from: user}, {from: assistant}]`, the reply wrapped in
   <|begin_of_thought|> ... <|end_of_solution|>) rewritten to the paper's `<think>...</think><answer>...</answer>`,
   the loss masked to the assistant's tokens; tokenized once per machine into a file every rank maps.
 - RL rows: Orz-math-57k (`[{from: human, value}, {from: assistant, ground_truth: {value}}]`), plus MedQA-style
   multiple-choice rows for the X-Reasoner-Med continuation.
-- Benchmark rows: each benchmark's row (MMMU's string-repr options and image_1..7, MathVista's choices, ...)
-  reduced to one task dict; evaluate.py says which converter serves which benchmark.
+- Benchmark rows (MMMU's string-repr options and image_1..7, MathVista's choices, ...) -> one task dict each.
 - Models through `from_pretrained`, `--model tiny` included: a few-layer Qwen2.5-VL built once, offline, with the
   real transformers classes and processor (toy/tiny.py), loaded exactly as Qwen/Qwen2.5-VL-7B-Instruct is.
-
 Malformed rows are counted and skipped with a message, never dropped silently.
 
     python data.py --model tiny           # build (if needed) and print the tiny checkpoint's path
     python data.py --sft toy              # convert the toy SFT set and print its statistics
 """
-import argparse
 import ast
 import hashlib
 import io
@@ -37,7 +33,7 @@ from pathlib import Path
 # torch, transformers, PIL and the token file (torch) are imported where they are used, each marked "heavy":
 # `import data` stays light for the processes that only read rows (a test holds it to that).
 
-from plumbing.cli import DataError, check_model_dir, cli
+from plumbing.cli import POSITIVE_INT, DataError, check_model_dir, cli, cli_parser
 from toy import tiny
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,7 +84,10 @@ def read_rows(source, split="train", toy=None, config=None):
     path = Path(source)
     if path.is_file():
         if path.suffix == ".json":
-            rows = json.loads(path.read_text())
+            try:
+                rows = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{source} is not valid JSON ({getattr(e, 'msg', e)}, line {getattr(e, 'lineno', 1)})")
             return list(rows.values()) if isinstance(rows, dict) else rows  # MathVista: {pid: row}
         if path.suffix == ".jsonl":
             return list(iter_jsonl(path))
@@ -121,9 +120,15 @@ def write_jsonl(path, rows):
     """Rows as JSON lines, written aside and renamed: a crash never leaves half a file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a file to write")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {path}: {e.strerror}") from e
 
 
 def iter_jsonl(path):
@@ -185,8 +190,9 @@ def user_message(text, images=()):
 
 def eval_prompt(question, options=None, template="mc"):
     """Appendix C: the math template (mathematical benchmarks, their multiple-choice items included) or the
-    multiple-choice template (or, `train`, the training prompt); followed by the options when there are some."""
-    text = {"mc": EVAL_MC_PROMPT, "math": EVAL_MATH_PROMPT, "train": TRAIN_PROMPT}[template].format(question=question)
+    multiple-choice template (or `train`, the training prompt; `none`, the question alone), then any options."""
+    text = {"mc": EVAL_MC_PROMPT, "math": EVAL_MATH_PROMPT, "train": TRAIN_PROMPT, "none": "{question}"}[template]
+    text = text.format(question=question)
     return text + OPTIONS_SUFFIX.format(options=format_options(options)) if options else text
 
 
@@ -512,8 +518,7 @@ def tiny_corpus():
 
 
 def check_model(name):
-    """Before anything loads: a --model that cannot load fails in one line (plumbing.cli.check_model_dir); the
-    locally built models pass, they are built on first use."""
+    """Before anything loads: a --model that cannot load fails in one line; `tiny` is built on first use."""
     if name not in TINY:
         check_model_dir(name)
 
@@ -559,18 +564,13 @@ def model_class(config):
     return Qwen2_5_VLForConditionalGeneration if hasattr(config, "vision_config") else AutoModelForCausalLM
 
 
-def transformers_progress(show):
-    """transformers' progress bars (reading and writing checkpoint shards): on for one loading process, off for
-    the other ranks and for every checkpoint a run writes."""
-    from transformers.utils import logging  # heavy
-    logging.enable_progress_bar() if show else logging.disable_progress_bar()
-
-
 def load_model(name, dtype=None, device="cpu", progress=False):
-    """A model from a hub id, a local directory (e.g. an SFT checkpoint), `tiny` or `tiny-text`."""
+    """A model from a hub id, a local directory (e.g. an SFT checkpoint), `tiny` or `tiny-text`; `progress`: the
+    bar of the shards read, for the one loading process."""
     import torch  # heavy
     from transformers import AutoConfig  # heavy
-    transformers_progress(progress)
+    from transformers.utils import logging  # heavy
+    logging.enable_progress_bar() if progress else logging.disable_progress_bar()
     path = resolve_model(name)
     try:
         model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype or torch.float32)
@@ -598,11 +598,11 @@ def model_from_config(name, dtype=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli_parser(__doc__)
     ap.add_argument("--model", help="build/resolve a model (`tiny`) and print its path")
     ap.add_argument("--sft", help="convert an SFT source (`toy`, path, hub id) and print statistics")
     ap.add_argument("--rl", help="convert an RL source (`toy`, path, URL) and print statistics")
-    ap.add_argument("--max-len", type=int, default=4096, help="SFT truncation length (B.1: 4,096)")
+    ap.add_argument("--max-len", type=POSITIVE_INT, default=4096, help="SFT truncation length (B.1: 4,096)")
     args = ap.parse_args(argv)
     if not (args.model or args.sft or args.rl):
         ap.print_help()

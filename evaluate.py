@@ -31,9 +31,11 @@ from tqdm import tqdm
 import data
 import generate
 from plumbing.charts import svg_page
-from plumbing.cli import DataError, cli, cli_parser, passed_flags, toy_preset
+from plumbing.cli import (COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser, passed_flags,
+                           toy_preset)
 from plumbing.distributed import barrier, setup_distributed
-from plumbing.runs import check_writable, fingerprint, write_atomic
+from plumbing import runs
+from plumbing.runs import fingerprint, write_atomic
 from rewards import (choice_letter, extract_answer, last_boxed, math_equal, mmmu_normalize, mmmu_open_predictions,
                      official_choice)
 
@@ -321,26 +323,26 @@ def score(bench, response, item):
 def parse_args(argv=None):
     ap = cli_parser(__doc__)
     # what to evaluate
-    ap.add_argument("--bench", default="all", help="comma-separated names (table in README), or all")
+    ap.add_argument("--bench", default="all", help=f"comma-separated names, or all: {', '.join(BENCHMARKS)}")
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local checkpoint, or `tiny` (default: the base)")
     ap.add_argument("--data", action="append", default=[], help="PATH, BENCH=PATH (repeatable), toy; default: hub")
     ap.add_argument("--image-root", help="where relative image paths start (default: the data's directory)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N rows of each benchmark")
+    ap.add_argument("--limit", type=POSITIVE_INT, default=None, help="only the first N rows of each benchmark")
     ap.add_argument("--out", default="runs/eval", help="records (resumable), summary.json, results.md")
     # protocol (§3, appendix C)
-    ap.add_argument("--samples", type=int, default=1, help="K samples per item: avg/maj/pass@K (§3: 1, or 5)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3: greedy; 0.3 with 5 samples)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (§3: none)")
-    ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens, all told (§3: 4,096)")
-    ap.add_argument("--think-budget", type=int, help="forced exit after N thinking tokens; 0: off (ours: cap - 512)")
-    ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
+    ap.add_argument("--samples", type=POSITIVE_INT, default=1, help="K samples per item: avg/maj/pass@K (§3: 1, or 5)")
+    ap.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy (§3: greedy; 0.3 with 5 samples)")
+    ap.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling (§3: none)")
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=4096, help="cap on generated tokens, all told (§3: 4,096)")
+    ap.add_argument("--think-budget", type=COUNT, help="forced exit after N thinking tokens; 0: off (ours: cap - 512)")
+    ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
     ap.add_argument("--template", choices=["mc", "math", "train"], help="the prompt for every benchmark (default: "
                     "each one's appendix-C template; train: the training prompt)")
-    ap.add_argument("--min-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card)")
-    ap.add_argument("--max-pixels", type=int, default=262144, help="image resolution (X-Reasoner-7B's model card); "
+    ap.add_argument("--min-pixels", type=POSITIVE_INT, default=262144, help="image resolution (X-Reasoner-7B's model card)")
+    ap.add_argument("--max-pixels", type=COUNT, default=262144, help="image resolution (X-Reasoner-7B's model card); "
                     "0: the processor's own")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (ours)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seeds, per (item, sample) (ours)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="sequences per generation batch (ours)")
+    ap.add_argument("--seed", type=COUNT, default=0, help="sampling seeds, per (item, sample) (ours)")
     # the text-only ablation (Table 6)
     ap.add_argument("--no-image", action="store_true", help="drop every image from the prompts")
     ap.add_argument("--text-solvable-out", help="record the items right in all K samples (bench<TAB>id)")
@@ -353,12 +355,16 @@ def parse_args(argv=None):
     args.exclude_ids = [p for entry in args.exclude_ids for p in entry.split(",") if p]
     if args.think_budget is None:
         args.think_budget = max(args.max_new_tokens - args.answer_budget, 0)
+    runs.check_writable(args.out, "--out")  # before anything loads or is written
+    if missing := [p for p in args.exclude_ids if not Path(p).is_file()]:
+        raise DataError(f"--exclude-ids {', '.join(missing)}: no such file")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     benches, given = requested(args)
+    data.check_model(args.model)
     rank, world, device = setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = data.load_model(args.model, dtype=dtype, device=device, progress=rank == 0).eval()
@@ -369,18 +375,19 @@ def main(argv=None):
     if args.max_pixels:
         processor.image_processor.size = {"shortest_edge": args.min_pixels, "longest_edge": args.max_pixels}
     summaries, failed = [], []
-    for bench in benches:
-        try:
-            s = evaluate_bench(bench, given.get(bench), args, model, processor, rank, world)
-        except DataError as e:  # one unavailable benchmark does not cost the others' results
-            print(f"error: {e}", file=sys.stderr)
-            failed.append(bench)
-            continue
-        if s:
-            summaries.append(s)
-            print(f"{bench}: {s['accuracy']}% of {s['n']}", file=sys.stderr)
-    if rank == 0 and summaries:
-        write_results(Path(args.out), summaries, args)
+    with runs.locked(args.out, rank, device):  # one evaluation at a time writes into --out
+        for bench in benches:
+            try:
+                s = evaluate_bench(bench, given.get(bench), args, model, processor, rank, world)
+            except DataError as e:  # one unavailable benchmark does not cost the others' results
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(bench)
+                continue
+            if s:
+                summaries.append(s)
+                print(f"{bench}: {s['accuracy']}% of {s['n']}", file=sys.stderr)
+        if rank == 0 and summaries:
+            write_results(Path(args.out), summaries, args)
     if failed:
         raise DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
     return summaries
@@ -429,8 +436,7 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
 
 
 def prompt_text(bench, t, template=None):
-    """The exact text of the user turn: the benchmark's appendix-C template (or `template`), the question, its
-    options."""
+    """The exact user turn: the benchmark's appendix-C template (or `template`), the question, its options."""
     return data.eval_prompt(t["question"], t["options"], template or BENCHMARKS[bench]["template"])
 
 
@@ -443,6 +449,8 @@ def requested(args):
         [b.strip() for b in args.bench.split(",") if b.strip()]  # all: the paper's benchmarks
     if unknown := [b for b in benches if b not in BENCHMARKS]:
         raise DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if not benches:
+        raise DataError(f"--bench {args.bench!r} names no benchmark; known: {', '.join(BENCHMARKS)}")
     given = {}
     for entry in args.data:
         name, sep, path = entry.partition("=")
@@ -456,29 +464,11 @@ def requested(args):
 
 
 def open_records(out, bench, args, rank):
-    """The records `out` already holds for `bench`, reused only when the weights (their fingerprint, not the
-    path) and the protocol are the same: other settings stop the run; other weights move the records aside."""
-    meta = out / f"{bench}.settings.json"
-    settings = {k: getattr(args, k) for k in ("fingerprint", "temperature", "top_p", "max_new_tokens",
-                                              "think_budget", "answer_budget", "no_image", "min_pixels",
-                                              "max_pixels", "seed", "template")}
-    old = json.loads(meta.read_text()) if meta.exists() else settings
-    if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != \
-            {k: v for k, v in settings.items() if k != "fingerprint"}:  # every rank stops, none waits alone
-        raise DataError(f"{out} holds {bench} results made with other settings ({meta}); use a new --out")
-    out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
-    barrier()  # all ranks have read the old settings before rank 0 replaces them
-    if rank == 0:
-        stale = old.get("fingerprint")
-        if stale != args.fingerprint:  # other weights made these records: keep them aside, compute afresh
-            print(f"{bench}: the weights changed since {out} was written (fingerprint {stale} -> "
-                  f"{args.fingerprint}); its records move to {bench}.stale-{stale}.*", file=sys.stderr)
-            for f in [*out.glob(f"{bench}.jsonl"), *out.glob(f"{bench}.rank*.jsonl")]:
-                f.rename(out / f.name.replace(bench, f"{bench}.stale-{stale}", 1))
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings | {"model": args.model}, indent=1))
-        tmp.replace(meta)
-    barrier()  # the moves are done before anyone reads the records
+    """The records `out` holds for `bench`, if the same weights made them under the same protocol (plumbing)."""
+    protocol = {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "think_budget",
+                                              "answer_budget", "no_image", "min_pixels", "max_pixels", "seed",
+                                              "template")}
+    runs.reuse_records(out, bench, protocol, args.fingerprint, args.model, rank)
     return read_records(out, bench)
 
 
@@ -502,9 +492,7 @@ def write_solvable(path, bench, ids):
     path = Path(path)
     keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
             if not line.startswith(bench + "\t")]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
 
 
 def read_ids(paths, bench):

@@ -22,6 +22,7 @@ import os
 import sys
 import zlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,8 @@ from transformers import DynamicCache
 
 import data
 import rewards
-from plumbing.cli import DataError, cli, cli_parser
+from plumbing import runs
+from plumbing.cli import COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser
 from plumbing.distributed import setup_distributed
 
 THINK_END = "</think>"
@@ -209,7 +211,7 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     `seed`: an int (row i uses a seed derived from it and i) or a list with one seed per conversation."""
     if not conversations:
         return []
-    tokenizer = getattr(processor, "tokenizer", processor)  # a text-only model's processor is its tokenizer
+    tokenizer = data.tokenizer_of(processor)
     stop_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                    else [model.generation_config.eos_token_id]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     stop_ids.discard(None)
@@ -224,8 +226,6 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     for i, e in enumerate(encodings):
         if e["input_ids"].shape[1] >= limit:
             raise ValueError(f"prompt {i} has {e['input_ids'].shape[1]} tokens; the model's context is {limit}")
-    if max_new_tokens <= 0:
-        return [Completion("", [], "length", 0, []) for _ in conversations]
     if isinstance(seed, (list, tuple)):  # one seed per conversation (GRPO: independent of how rows are sharded)
         seeds = list(seed)
     else:
@@ -236,11 +236,9 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         budget = min(max_new_tokens, limit - max(encodings[i]["input_ids"].shape[1] for i in rows))
-        chunk = generate_chunk(model, tokenizer, [encodings[i] for i in rows],
-                               [seeds[i] for i in rows],
-                               max_new_tokens=budget, temperature=temperature, top_p=top_p,
-                               think_budget=think_budget, answer_budget=answer_budget, stop_ids=stop_ids,
-                               may_close=may_close)
+        chunk = generate_chunk(model, tokenizer, [encodings[i] for i in rows], [seeds[i] for i in rows],
+                               max_new_tokens=budget, temperature=temperature, top_p=top_p, think_budget=think_budget,
+                               answer_budget=answer_budget, stop_ids=stop_ids, may_close=may_close)
         for i, c in zip(rows, chunk):
             results[i] = c
         bar.update(len(rows))
@@ -301,7 +299,8 @@ def parse_args(argv=None):
     ap = cli_parser(__doc__)
     # model
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory, or `tiny` (default: the base)")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32")
+    ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="auto: bf16 on GPU, fp32 on CPU")
     # input
     ap.add_argument("--prompt", help="one user message")
     ap.add_argument("--image", action="append", default=[], help="an image for --prompt (repeatable)")
@@ -310,25 +309,38 @@ def parse_args(argv=None):
     ap.add_argument("--template", choices=["train", "mc", "math", "none"], default="train",
                     help="appendix C's prompt around each message: training, multiple-choice, math, or none")
     ap.add_argument("--distil", help="RL-schema rows (MedQA): keep a teacher's right answers as SFT rows (§3.2)")
-    ap.add_argument("--samples", type=int, default=4, help="completions per question with --distil (ours)")
+    ap.add_argument("--samples", type=POSITIVE_INT, default=4, help="completions per question with --distil (ours)")
     # sampling
-    ap.add_argument("--max-new-tokens", type=int, default=4096, help="cap on generated tokens (§3: 4,096)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (§3's evaluation)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1: off (§3: off)")
-    ap.add_argument("--think-budget", type=int, default=None, help="forced exit after N thinking tokens (§2.1)")
-    ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch (ours)")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (ours)")
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=4096, help="cap on generated tokens (§3: 4,096)")
+    ap.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy (§3's evaluation)")
+    ap.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling; 1: off (§3: off)")
+    ap.add_argument("--think-budget", type=POSITIVE_INT, default=None, help="forced exit after N thinking tokens (§2.1)")
+    ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="sequences per generation batch (ours)")
+    ap.add_argument("--seed", type=COUNT, default=0, help="sampling seed (ours)")
     args = ap.parse_args(argv)
     if args.distil and not args.output:
         ap.error("--distil needs --output")
     if not args.distil and args.input is None and args.prompt is None:
         ap.error("give --prompt or --input")
+    if args.output and Path(args.output).is_dir():
+        raise DataError(f"--output {args.output} is a directory, not a file to write")
+    if args.output:
+        runs.check_writable(Path(args.output).parent, "--output")
     return args
+
+
+def input_row(row):
+    """One --input row; a lone surrogate (JSON's "\\ud800") cannot be tokenized: the row is counted and skipped."""
+    return row | {"prompt": str(row["prompt"]).encode("utf-8").decode(), "images": row.get("images") or []}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    data.check_model(args.model)
+    if not args.distil:  # bad rows are counted and skipped before the model loads
+        rows = data.read_rows(args.input) if args.input else [{"prompt": args.prompt, "images": args.image}]
+        rows = data.convert_rows(rows, input_row, "--input")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
@@ -338,16 +350,11 @@ def main(argv=None):
                     think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size)
     if args.distil:
         return distil_main(args, model, processor, sampling)
-    rows = data.read_rows(args.input) if args.input else [{"prompt": args.prompt, "images": args.image}]
-    rows = data.convert_rows(rows, lambda r: r | {"prompt": str(r["prompt"]), "images": r.get("images") or []},
-                             "--input")  # rows without a prompt are counted and skipped
-    templates = {"train": data.TRAIN_PROMPT, "mc": data.EVAL_MC_PROMPT, "math": data.EVAL_MATH_PROMPT,
-                 "none": "{question}"}
     print(f"template: {args.template}" + {"train": " (appendix C's training prompt: what SFT and GRPO saw)",
                                          "none": " (the message as given)"}.get(args.template, " (appendix C)"),
           file=sys.stderr)
     try:
-        conversations = [[data.user_message(templates[args.template].format(question=r["prompt"]),
+        conversations = [[data.user_message(data.eval_prompt(r["prompt"], None, args.template),
                                             [data.load_image(p) for p in r["images"]])] for r in rows]
         completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
                                **sampling)

@@ -6,8 +6,7 @@
 One step, in reading order (each a function below, then main() runs them):
     1. rollouts                    every rank samples `group_size` answers for its share of the prompts
                                    (generate.py), from an unsharded inference copy of the policy
-    2. score                       rewards.py: 1 if the answer inside <answer> tags is right, else 0
-                                   (multiple choice for rows with options)
+    2. score_rollouts              rewards.py: 1 if the answer in <answer> tags is right (or the option), else 0
     3. group_advantages            A = (r - mean(r)) / (std(r) + eps) within each prompt's group (eq. 1)
     4. reference_and_old_logprobs  log-probs of the sampled tokens under the frozen reference, and under the
                                    policy before the update when there are several PPO mini-batches
@@ -41,10 +40,14 @@ import generate
 import rewards
 import sft
 from plumbing import runs
-from plumbing.cli import DataError, cli, cli_parser, toy_preset
+from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, accepting, cli,
+                           cli_parser, int_at_least, toy_preset)
 from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_norm, finish, full_tensor, optimizer_state,
                                   parked, setup_distributed)
+from plumbing.runs import refuse_non_finite
 
+# A negative advantage costs at most this many times |A|: dual-clip PPO needs c > 1 (Ye et al. 2020)
+DUAL_CLIP = accepting(float, "0 (off) or a number > 1", lambda v: v == 0 or (v > 1 and v != float("inf")))
 # Flags that may differ on --resume: they change nothing the run computes (ours)
 MAY_CHANGE_ON_RESUME = {"max_steps", "micro_batch", "save_every", "keep", "reward_processes", "gen_batch", "offload"}
 
@@ -56,34 +59,37 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=data.ORZ_MATH_URL, help="Orz-math JSON (URL/path), MedQA rows, or toy (B.2)")
     ap.add_argument("--out", default="runs/grpo", help="run directory: checkpoints, metrics.jsonl, curves.svg")
     # rollouts (appendix B.2)
-    ap.add_argument("--prompts-per-step", type=int, default=128, help="prompts per step, all ranks (B.2: 128)")
-    ap.add_argument("--group-size", type=int, default=8, help="samples per prompt (B.2: 8)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (B.2: 1.0)")
-    ap.add_argument("--max-new-tokens", type=int, default=4096, help="response length cap (B.2: 4,096)")
-    ap.add_argument("--think-budget", type=int, default=None, help="forced exit (§2.1) in rollouts (B.2: none)")
-    ap.add_argument("--answer-budget", type=int, default=512, help="answer tokens after a forced exit (ours)")
+    ap.add_argument("--prompts-per-step", type=POSITIVE_INT, default=128, help="prompts per step, all ranks (B.2: 128)")
+    ap.add_argument("--group-size", type=int_at_least(2), default=8, help="samples per prompt (B.2: 8)")
+    ap.add_argument("--temperature", type=POSITIVE, default=1.0, help="sampling temperature (B.2: 1.0)")
+    ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=4096, help="response length cap (B.2: 4,096)")
+    ap.add_argument("--truncated", choices=["zero", "score", "mask"], default="zero", help="a response cut at the cap: "
+                    "zero, it never finished its answer (ours; B.2 says nothing); score, as written (verl's); mask, "
+                    "left out of the loss (DAPO's overlong filtering)")
+    ap.add_argument("--think-budget", type=POSITIVE_INT, default=None, help="forced exit (§2.1) in rollouts (B.2: none)")
+    ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
     # the objective (§2.2, appendix A)
-    ap.add_argument("--beta", type=float, default=0.01, help="k3 KL coefficient; 0 drops the reference (B.2: 0.01)")
-    ap.add_argument("--eps-low", type=float, default=0.2, help="PPO clip range below 1 (B.2: 0.2)")
-    ap.add_argument("--eps-high", type=float, default=0.28, help="clip-higher above 1 (§2.2, no value given; DAPO's)")
-    ap.add_argument("--dual-clip", type=float, default=3.0, help="A < 0 costs at most this x |A|; 0: off (verl's)")
+    ap.add_argument("--beta", type=NON_NEGATIVE, default=0.01, help="k3 KL coefficient; 0 drops the reference (B.2: 0.01)")
+    ap.add_argument("--eps-low", type=FRACTION, default=0.2, help="PPO clip range below 1 (B.2: 0.2)")
+    ap.add_argument("--eps-high", type=NON_NEGATIVE, default=0.28, help="clip-higher above 1 (§2.2, no value given; DAPO's)")
+    ap.add_argument("--dual-clip", type=DUAL_CLIP, default=3.0, help="A < 0 costs at most this x |A|; 0: off (verl's)")
     ap.add_argument("--no-std", action="store_true", help="advantages r - mean(r), unscaled (Dr. GRPO; ours: off)")
-    ap.add_argument("--ppo-mini-batches", type=int, default=1, help="optimizer steps per rollout batch (verl's: 1)")
+    ap.add_argument("--ppo-mini-batches", type=POSITIVE_INT, default=1, help="optimizer steps per rollout batch (verl's: 1)")
     # optimization (appendix B.2)
-    ap.add_argument("--lr", type=float, default=3e-6, help="AdamW learning rate (B.2: 3e-6)")
-    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (B.2: 0.01)")
-    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up (B.2: 10%%)")
-    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (B.2: 1.0)")
-    ap.add_argument("--epochs", type=int, default=3, help="passes over the prompts (B.2: 3)")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    ap.add_argument("--seed", type=int, default=0, help="prompt order and rollout seeds (ours)")
+    ap.add_argument("--lr", type=POSITIVE, default=3e-6, help="AdamW learning rate (B.2: 3e-6)")
+    ap.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.01, help="AdamW weight decay (B.2: 0.01)")
+    ap.add_argument("--warmup", type=FRACTION, default=0.1, help="fraction of steps of linear warm-up (B.2: 10%%)")
+    ap.add_argument("--grad-clip", type=NON_NEGATIVE, default=1.0, help="gradient-norm clip (B.2: 1.0)")
+    ap.add_argument("--epochs", type=POSITIVE_INT, default=3, help="passes over the prompts (B.2: 3)")
+    ap.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop after this many steps (smoke runs)")
+    ap.add_argument("--seed", type=COUNT, default=0, help="prompt order and rollout seeds (ours)")
     # systems (ours)
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per training forward (ours)")
-    ap.add_argument("--gen-batch", type=int, default=64, help="sequences per generation batch (ours)")
-    ap.add_argument("--reward-processes", type=int, default=4, help="verifier helper processes (ours)")
+    ap.add_argument("--micro-batch", type=POSITIVE_INT, default=4, help="sequences per training forward (ours)")
+    ap.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="sequences per generation batch (ours)")
+    ap.add_argument("--reward-processes", type=POSITIVE_INT, default=4, help="verifier helper processes (ours)")
     ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
-    ap.add_argument("--save-every", type=int, default=50, help="save every N steps (ours)")
-    ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept beside final; 0: all (ours)")
+    ap.add_argument("--save-every", type=COUNT, default=50, help="save every N steps (ours)")
+    ap.add_argument("--keep", type=COUNT, default=2, help="step checkpoints kept beside final; 0: all (ours)")
     return runs.parse(ap, argv)
 
 
@@ -101,8 +107,9 @@ class Rollout:
     sampled: list            # per token: 1 if the policy sampled it, 0 if the forced exit wrote it
     text: str
     finish_reason: str       # "stop", "length" (cut at --max-new-tokens) or "forced_exit"
-    # main(): its group-relative advantage (eq. 1)
+    # grpo_step(): its group-relative advantage (eq. 1), and whether it takes part in the loss (--truncated mask)
     advantage: float = 0.0
+    in_loss: bool = True
     # reference_and_old_logprobs(): per-token log-probs, (T,), or None when not needed
     ref_logp: torch.Tensor = None
     old_logp: torch.Tensor = None
@@ -110,8 +117,8 @@ class Rollout:
     encoding: dict = None
 
     def sampled_mask(self):
-        """Per token: 1 if the policy sampled it (it takes the loss), 0 if the forced exit wrote it."""
-        return self.sampled or [1] * len(self.token_ids)
+        """Per token: 1 if the policy sampled it (it takes the loss), 0 if the forced exit wrote it or in_loss is off."""
+        return (self.sampled or [1] * len(self.token_ids)) if self.in_loss else [0] * len(self.token_ids)
 
 
 def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_new_tokens, think_budget,
@@ -127,12 +134,17 @@ def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_n
             for p, c in zip([p for p in prompts for _ in range(group_size)], completions)]
 
 
-def score_rollouts(rows, processes):
+def score_rollouts(rows, processes, truncated="zero"):
     """The 1/0 rewards (§2.2), (N,). The training prompt (appendix C) asks for the answer inside <answer> tags, so
-    a response without them has given no answer and earns 0, however right its last number (evaluation, like the
-    benchmarks' own parsers, stays lenient)."""
-    return torch.tensor(rewards.batch_rewards([r.text for r in rows], [r.answer for r in rows],
-                                              [r.options for r in rows], processes=processes, require_tags=True))
+    a response without them earns 0, however right its last number (evaluation stays lenient). A response cut at
+    the cap has not finished: `truncated` "zero" scores it 0 (else a policy learns to answer, then ramble to the
+    cap); "mask" scores it but leaves it out of the loss (DAPO's overlong filtering)."""
+    reward = torch.tensor(rewards.batch_rewards([r.text for r in rows], [r.answer for r in rows],
+                                                [r.options for r in rows], processes=processes, require_tags=True))
+    cut = torch.tensor([r.finish_reason == "length" for r in rows])
+    for r in rows:
+        r.in_loss = not (truncated == "mask" and r.finish_reason == "length")
+    return torch.where(cut, 0.0, reward) if truncated == "zero" else reward
 
 
 def group_advantages(group_rewards, eps=1e-6, scale=True):
@@ -234,8 +246,7 @@ def update(policy, optimizer, processor, rows, *, micro_batch, mini_batches, tem
            beta, dual_clip, grad_clip, world, device):
     """Steps 5-6: policy_loss over `mini_batches` mini-batches (each one AdamW step) of micro-batches (each one
     forward and backward, gradients reduce-scattered at once). Returns the sums the metrics are made of."""
-    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0,
-             "ratio_dev": 0.0}
+    stats = dict.fromkeys(["loss", "kl", "clipped", "entropy", "tokens", "grad_norm", "ratio_dev"], 0.0)
     size = -(-len(rows) // mini_batches)
     for m in range(0, len(rows), size):
         mini = rows[m:m + size]
@@ -258,6 +269,7 @@ def update(policy, optimizer, processor, rows, *, micro_batch, mini_batches, tem
             stats["entropy"] += (entropy * mask).sum().item()
             stats["tokens"] += mask.sum().item()
         stats["grad_norm"] = clip_grad_norm([p for p in policy.parameters() if p.requires_grad], grad_clip)
+        refuse_non_finite(stats["grad_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
@@ -316,7 +328,7 @@ def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, ar
     clock.lap("generate")
     with parked(infer.parameters(), args.offload):
         # 2-3. rewards, and each response's advantage within its group
-        reward = score_rollouts(rows, args.reward_processes)                                 # (N,)
+        reward = score_rollouts(rows, args.reward_processes, args.truncated)                 # (N,)
         clock.lap("reward")
         advantages = group_advantages(reward.view(-1, args.group_size), scale=not args.no_std).view(-1)  # (N,)
         for row, a in zip(rows, advantages.tolist()):
@@ -356,34 +368,38 @@ def main(argv=None):
     policy, reference, infer, optimizer, processor, prompts = setup(args, rank, world, device)
     steps_per_epoch = max(1, len(prompts) // args.prompts_per_step)  # an epoch: one pass over the prompts
     total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
-    state = runs.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
-    if args.resume:
-        refresh_inference_copy(policy, infer)
-    runs.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
-    metrics, preempt = runs.Metrics(args.out, rank, CURVES, f"grpo.py --out {args.out}"), runs.Preemption(device)
-    bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
-    step = state["step"]
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        order = list(range(len(prompts)))
-        random.Random(args.seed * 1000 + epoch).shuffle(order)
-        mine = generate.shard(order[index * args.prompts_per_step:(index + 1) * args.prompts_per_step], rank, world)
-        lr = lr_at(step, args, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        seeds = [generate.row_seed(args.seed * 100_003 + step, i) for i in mine]  # per (step, prompt)
-        row = grpo_step(policy, reference, infer, optimizer, processor, [prompts[i] for i in mine], seeds, args,
-                        world, device, progress=rank == 0)
-        step += 1
-        row = {"step": step, "epoch": epoch, **row, "lr": lr}
-        metrics.log(**row)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
-        bar.update(1)
-        due = bool(args.save_every and step % args.save_every == 0)
-        if runs.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
-            break
-    bar.close()
-    metrics.draw()
+    # the run owns --out from here: a second run into it is refused
+    with runs.locked(args.out, rank, device, lambda: runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)):
+        state = runs.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
+        if args.resume:
+            refresh_inference_copy(policy, infer)
+        runs.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
+        metrics, preempt = runs.Metrics(args.out, rank, CURVES, f"grpo.py --out {args.out}"), runs.Preemption(device)
+        bar = tqdm(total=total, initial=state["step"], disable=rank != 0, desc="grpo")
+        step = state["step"]
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            order = list(range(len(prompts)))
+            random.Random(args.seed * 1000 + epoch).shuffle(order)
+            first = index * args.prompts_per_step
+            mine = generate.shard(order[first:first + args.prompts_per_step], rank, world)
+            lr = lr_at(step, args, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            seeds = [generate.row_seed(args.seed * 100_003 + step, i) for i in mine]  # per (step, prompt)
+            row = grpo_step(policy, reference, infer, optimizer, processor, [prompts[i] for i in mine], seeds, args,
+                            world, device, progress=rank == 0)
+            step += 1
+            row = {"step": step, "epoch": epoch, **row, "lr": lr}
+            metrics.log(**row)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
+            bar.update(1)
+            due = bool(args.save_every and step % args.save_every == 0)
+            if runs.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
+                break
+        bar.close()
+        metrics.draw()
+        preempt.close()
     finish()
     return policy
 
@@ -391,10 +407,9 @@ def main(argv=None):
 def setup(args, rank, world, device):
     """Inputs checked before anything loads or is written; then the prompts, the sharded policy, the frozen
     reference, the unsharded inference copy and AdamW."""
-    preset = ""
-    if args.data == "toy":  # the toy sums on a CPU: reward rises, the format stays
-        preset = toy_preset(args, {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "max_steps": 80,
-                                   "lr": 3e-4, "beta": 0.0, "micro_batch": 32, "warmup": 0.0, "save_every": 0})
+    preset = toy_preset(args, {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "max_steps": 80,
+                               "lr": 3e-4, "beta": 0.0, "micro_batch": 32, "warmup": 0.0, "save_every": 0}) \
+        if args.data == "toy" else ""  # the toy sums on a CPU: reward rises, the format stays
     runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)
     data.check_model(args.model)
     if args.prompts_per_step % world:

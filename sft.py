@@ -36,7 +36,8 @@ from tqdm import tqdm
 import data
 import generate
 from plumbing import runs
-from plumbing.cli import DataError, cli, cli_parser, toy_preset
+from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, cli, cli_parser,
+                           toy_preset)
 from plumbing.distributed import all_reduce_dict, any_rank, clip_grad_norm, finish, setup_distributed
 
 # Flags that may differ on --resume: they change nothing the run computes (ours)
@@ -49,20 +50,20 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=data.BASE_MODEL, help="hub id, local directory or `tiny` (default: the paper's)")
     ap.add_argument("--data", default=data.OPENTHOUGHTS, help="hub id, .json/.jsonl/.parquet, or `toy` (a CPU preset)")
     ap.add_argument("--out", default="runs/sft", help="run directory: checkpoints, metrics.jsonl, curves.svg")
-    ap.add_argument("--max-len", type=int, default=4096, help="longer conversations are cut (counted) (B.1: 4,096)")
+    ap.add_argument("--max-len", type=POSITIVE_INT, default=4096, help="longer conversations are cut (counted) (B.1: 4,096)")
     # optimization (appendix B.1)
-    ap.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (B.1: 1e-5)")
-    ap.add_argument("--lr-decay", type=float, default=0.8, help="lr multiplied by this after each epoch (B.1: 0.8)")
-    ap.add_argument("--warmup", type=float, default=0.0, help="fraction of steps of linear warm-up (B.1: none)")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (B.1: 0.0)")
-    ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas (B.1: 0.9, 0.999)")
-    ap.add_argument("--epochs", type=int, default=4, help="passes over the data (B.1: 4)")
-    ap.add_argument("--global-batch", type=int, default=128, help="sequences per step, all ranks (B.1: 4 x 32 GPUs)")
-    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward on one GPU (B.1: 4)")
-    ap.add_argument("--grad-clip", type=float, default=0.0, help="gradient-norm clip; 0: off (B.1 lists none)")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
-    ap.add_argument("--seed", type=int, default=0, help="data order (ours)")
-    ap.add_argument("--window", type=int, default=16, help="length grouping: sort within this many batches (ours)")
+    ap.add_argument("--lr", type=POSITIVE, default=1e-5, help="AdamW learning rate (B.1: 1e-5)")
+    ap.add_argument("--lr-decay", type=POSITIVE, default=0.8, help="lr multiplied by this after each epoch (B.1: 0.8)")
+    ap.add_argument("--warmup", type=FRACTION, default=0.0, help="fraction of steps of linear warm-up (B.1: none)")
+    ap.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay (B.1: 0.0)")
+    ap.add_argument("--betas", type=FRACTION, nargs=2, default=(0.9, 0.999), help="AdamW betas (B.1: 0.9, 0.999)")
+    ap.add_argument("--epochs", type=POSITIVE_INT, default=4, help="passes over the data (B.1: 4)")
+    ap.add_argument("--global-batch", type=POSITIVE_INT, default=128, help="sequences per step, all ranks (B.1: 4 x 32 GPUs)")
+    ap.add_argument("--micro-batch", type=POSITIVE_INT, default=4, help="sequences per forward on one GPU (B.1: 4)")
+    ap.add_argument("--grad-clip", type=NON_NEGATIVE, default=0.0, help="gradient-norm clip; 0: off (B.1 lists none)")
+    ap.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop after this many steps (smoke runs)")
+    ap.add_argument("--seed", type=COUNT, default=0, help="data order (ours)")
+    ap.add_argument("--window", type=POSITIVE_INT, default=16, help="length grouping: sort within this many batches (ours)")
     # systems (ours)
     ap.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="activation checkpointing "
                     "(ours: on GPU)")
@@ -72,8 +73,8 @@ def parse_args(argv=None):
                     "head): with --train-vision only the vision tower learns, Qwen2-VL's first stage (ours)")
     ap.add_argument("--freeze-embeddings", action="store_true", help="freeze the input token embeddings "
                     "(ours: off; toy/miniature.py's small model keeps its images readable with it)")
-    ap.add_argument("--save-every", type=int, default=0, help="save every N steps; 0: at each epoch's end (ours)")
-    ap.add_argument("--keep", type=int, default=2, help="step/epoch checkpoints kept beside final; 0: all (ours)")
+    ap.add_argument("--save-every", type=COUNT, default=0, help="save every N steps; 0: at each epoch's end (ours)")
+    ap.add_argument("--keep", type=COUNT, default=2, help="step/epoch checkpoints kept beside final; 0: all (ours)")
     return runs.parse(ap, argv)
 
 
@@ -188,6 +189,7 @@ def sft_step(model, optimizer, trainable, examples, batch, processor, args, rank
         real = mask[:len(mb)]  # not the blank image row
         loss_sum, tokens, padded = loss_sum + loss.item(), tokens + int(real.sum()), padded + real.numel()
     grad_norm = clip_grad_norm(trainable, args.grad_clip)
+    runs.refuse_non_finite(grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     summed = all_reduce_dict({"loss": loss_sum, "tokens": tokens, "padded": padded}, device)
@@ -208,44 +210,45 @@ def main(argv=None):
     model, optimizer, trainable, processor, examples = setup(args, rank, world, device)
     steps_per_epoch = len(epoch_batches(examples.lengths, args.global_batch, args.window, args.seed, 0))
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
-    state = runs.load_checkpoint(model, optimizer, args.resume, rank) if args.resume else {"step": 0}
-    runs.start_run(args, "sft", rank, world, state["step"] if args.resume else None)
-    metrics = runs.Metrics(args.out, rank, CURVES, f"sft.py --out {args.out}")
-    preempt, step = runs.Preemption(device), state["step"]
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
-    while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        batch = epoch_batches(examples.lengths, args.global_batch, args.window, args.seed, epoch)[index]
-        lr = lr_at(step, epoch, args, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        start = time.perf_counter()
-        row = sft_step(model, optimizer, trainable, examples, batch, processor, args, rank, world, device)
-        step, seconds = step + 1, time.perf_counter() - start
-        row = {"step": step, "epoch": epoch, "lr": lr, **row, "tokens_per_s": row["tokens"] / seconds}
-        # a sharded DTensor reports its full size, so this counts the whole model's trainable parameters
-        row["mfu"] = runs.mfu(row["tokens_per_s"] / world, sum(p.numel() for p in trainable), device)
-        if launched:  # the first step of this launch: how long data and model took to get here
-            row["startup_s"], launched = start - launched, None
-        metrics.log(**row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        due = step % (args.save_every or steps_per_epoch) == 0
-        if runs.save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
-            break
-    bar.close()
-    metrics.draw()
+    # the run owns --out from here: a second run into it is refused
+    with runs.locked(args.out, rank, device, lambda: runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)):
+        state = runs.load_checkpoint(model, optimizer, args.resume, rank) if args.resume else {"step": 0}
+        runs.start_run(args, "sft", rank, world, state["step"] if args.resume else None)
+        metrics = runs.Metrics(args.out, rank, CURVES, f"sft.py --out {args.out}")
+        preempt, step = runs.Preemption(device), state["step"]
+        bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            batch = epoch_batches(examples.lengths, args.global_batch, args.window, args.seed, epoch)[index]
+            lr = lr_at(step, epoch, args, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            start = time.perf_counter()
+            row = sft_step(model, optimizer, trainable, examples, batch, processor, args, rank, world, device)
+            step, seconds = step + 1, time.perf_counter() - start
+            row = {"step": step, "epoch": epoch, "lr": lr, **row, "tokens_per_s": row["tokens"] / seconds}
+            # a sharded DTensor reports its full size, so this counts the whole model's trainable parameters
+            row["mfu"] = runs.mfu(row["tokens_per_s"] / world, sum(p.numel() for p in trainable), device)
+            if launched:  # the first step of this launch: how long data and model took to get here
+                row["startup_s"], launched = start - launched, None
+            metrics.log(**row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            due = step % (args.save_every or steps_per_epoch) == 0
+            if runs.save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
+                break
+        bar.close()
+        metrics.draw()
+        preempt.close()
     finish()
     return model
 
 
 def setup(args, rank, world, device):
     """Inputs checked before anything loads or is written, then the data, the sharded model and AdamW."""
-    preset = ""
-    if args.data == "toy":  # the toy task on a CPU: what the README demo and the tests use
-        micro = max(1, 10 // world)
-        preset = toy_preset(args, {"global_batch": micro * world, "micro_batch": micro, "epochs": 36,
-                                   "lr": 3e-3, "lr_decay": 1.0, "save_every": 120})
+    micro = max(1, 10 // world)  # the toy task on a CPU: what the README demo and the tests use
+    preset = toy_preset(args, {"global_batch": micro * world, "micro_batch": micro, "epochs": 36, "lr": 3e-3,
+                               "lr_decay": 1.0, "save_every": 120}) if args.data == "toy" else ""
     runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)
     data.check_model(args.model)
     if preset and rank == 0:

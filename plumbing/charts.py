@@ -20,7 +20,8 @@ def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False):
     """One chart at (x0, y0): axes with ticks and labels, then `series` [(label, ys)] as lines, or as grouped
     bars over categorical xs. Each line/bar carries its raw values in data- attributes."""
     values = [v for _, ys in series for v in ys if v is not None and math.isfinite(v)] or [0.0]
-    yt = nice_ticks(0.0 if bars else min(values), max(values))
+    top = max(values)
+    yt = nice_ticks(0.0, top if top > 0 else 1.0) if bars else nice_ticks(min(values), top)  # bars rise from 0
     xt = list(range(len(xs) + 1)) if bars else nice_ticks(min(xs), max(xs), 4)  # bars: category i spans [i, i+1]
     px = lambda x: x0 + 52 + (x - xt[0]) / ((xt[-1] - xt[0]) or 1) * (w - 64)  # noqa: E731
     py = lambda y: y0 + h - 34 - (y - yt[0]) / ((yt[-1] - yt[0]) or 1) * (h - 58)  # noqa: E731

@@ -1,6 +1,8 @@
 """The command line: one parser style for every script, presets, and bad input as one line instead of a traceback."""
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,13 +12,64 @@ class DataError(ValueError):
     """Bad input the user can fix (missing file, unusable dataset, a flag out of range); printed as one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a DataError: one line, exit status 1, like every other bad input."""
+
+    def error(self, message):
+        raise DataError(f"{message} (see --help)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with what it accepts (from its type, below) and its default."""
+
+    def _get_help_string(self, action):
+        text, accepts = action.help or "", getattr(action.type, "accepts", None)
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if shown and action.option_strings:
+            accepts = f"{accepts}; " if accepts else ""
+            return f"{text} [{accepts}default: %(default)s]"
+        return f"{text} [{accepts}]" if accepts else text
+
+
 def cli_parser(doc):
     """An argument parser whose --help opens with the script's purpose and launch commands (the docstring's first
-    two paragraphs), one line per flag, and no abbreviated flags (so presets can see what was passed)."""
-    return argparse.ArgumentParser(description="\n\n".join(doc.split("\n\n")[:2]), allow_abbrev=False,
-                                   usage="%(prog)s [options]",
-                                   formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-                                       prog, max_help_position=34, width=120))
+    two paragraphs), one line per flag with its range and default, and no abbreviated flags (so presets can see
+    what was passed)."""
+    return Parser(description="\n\n".join(doc.split("\n\n")[:2]), allow_abbrev=False, usage="%(prog)s [options]",
+                  formatter_class=lambda prog: HelpFormatter(prog, max_help_position=34, width=120))
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a numeric flag accepts, stated once: argparse's type= checks it, --help and the error say it in the same words
+
+def accepting(cast, accepts, ok):
+    """A type= function: `cast` the text, then `ok(value)` must hold; its `accepts` is the range in words."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
+        return value
+    parse.accepts = parse.__name__ = accepts
+    return parse
+
+
+def finite(x):
+    return math.isfinite(x)
+
+
+def int_at_least(n):
+    return accepting(int, f"an integer >= {n}", lambda v: v >= n)
+
+
+POSITIVE_INT = int_at_least(1)
+COUNT = int_at_least(0)
+POSITIVE = accepting(float, "a number > 0", lambda v: finite(v) and v > 0)
+NON_NEGATIVE = accepting(float, "a number >= 0", lambda v: finite(v) and v >= 0)
+PROBABILITY = accepting(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+FRACTION = accepting(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def passed_flags(parser, argv):
@@ -37,11 +90,18 @@ def toy_preset(args, preset):
 
 
 def cli(main):
-    """Run a script's main(): bad input (DataError) ends as one line on stderr and exit code 1, no traceback."""
+    """Run a script's main(): bad input (DataError) ends as one line on stderr and exit status 1, no traceback;
+    Ctrl-C before the training loop (which saves first, see runs.Preemption) as one line and status 130. Under
+    torchrun every rank meets the same bad input, so rank 0 alone says it, on a line of its own."""
+    speaker = os.environ.get("RANK", "0") == "0"
     try:
         main()
     except DataError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if speaker else 1)
+    except KeyboardInterrupt:
+        if speaker:
+            print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_model_dir(name):

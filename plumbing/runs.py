@@ -5,8 +5,10 @@ A run directory is never overwritten by accident and a resume continues the same
 place, so a crash never leaves half of one under its final name.
 """
 import contextlib
+import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -59,8 +61,7 @@ def check_run_dir(args, may_change=()):
     """Before anything loads: a new run needs --out empty or absent (or --overwrite) and writable; --resume needs
     a checkpoint of this script whose recorded settings match, but for `may_change` (or --allow-changes)."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a directory")
+    check_writable(out, "--out")
     if args.resume:
         state = Path(args.resume) / "train_state.json"
         if not state.exists():
@@ -81,10 +82,43 @@ def check_run_dir(args, may_change=()):
         hint = f"continue it with --resume {saved[-1]}, or " if saved and not (out / "final").exists() else ""
         raise DataError(f"--out {out} already holds a run; {hint}pass --overwrite to replace it, or choose "
                         f"another --out")
-    check_writable(out, "--out")
+
+
+@contextlib.contextmanager
+def locked(out, rank, device, recheck=None):
+    """`with locked(out, ...)`: the run owns --out. Rank 0 takes an exclusive lock on the directory (created if
+    need be) for the block's duration, so a second run into it is refused; the kernel drops the lock when the
+    process ends, however it ends, so a killed run never blocks a --resume. `recheck()` runs once the lock is held:
+    a run that started in between may have written to --out since the first look."""
+    fd, error = None, None
+    if rank == 0:
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            fd = os.open(out, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if recheck:
+                recheck()
+        except BlockingIOError:
+            error = DataError(f"--out {out} is in use by another run (it holds the directory's lock)")
+        except DataError as e:
+            error = e
+        except OSError as e:
+            error = DataError(f"cannot write to --out {out}: {e.strerror}")
+    if any_rank(error is not None, device):  # every rank stops, none waits alone
+        if fd is not None:
+            os.close(fd)
+        raise error or DataError(f"--out {out}: rank 0 could not lock it")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def check_writable(out, flag):
+    """A directory that is there and writable, or can be made below one that is."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"{flag} {out} is a file, not a directory")
     existing = next(p for p in [Path(out), *Path(out).parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise DataError(f"cannot write to {flag} {out}: {existing} is not a writable directory")
@@ -96,8 +130,9 @@ def start_run(args, stage, rank, world, resumed_step=None):
     out = Path(args.out)
     try:
         if rank == 0:
-            if args.overwrite and not args.resume and out.exists():
-                shutil.rmtree(out)
+            if args.overwrite and not args.resume and out.exists():  # its contents: the directory holds the lock
+                for child in out.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             out.mkdir(parents=True, exist_ok=True)
             record = {"stage": stage, "args": settings(args), "world": world,
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -200,14 +235,26 @@ def prune_checkpoints(out, keep):
 
 
 class Preemption:
-    """SIGTERM (cluster preemption) sets a flag; the loop saves at the end of the step and exits cleanly."""
+    """SIGTERM (cluster preemption) or Ctrl-C sets a flag; the loop saves at the end of the step and exits cleanly.
+    A second Ctrl-C stops at once, without saving."""
 
     def __init__(self, device):
         self.requested, self.device = False, device
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            print("\nCtrl-C: saving at the end of this step (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def check(self):
         return any_rank(self.requested, self.device)  # every rank must agree to stop at the same step
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due=False):
@@ -225,6 +272,14 @@ def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, d
             prune_checkpoints(Path(args.out), args.keep)
             tqdm.write(f"saved {path}" + (f"; continue with --resume {path}" if stop else ""), file=sys.stderr)
     return stop
+
+
+def refuse_non_finite(grad_norm):
+    """Stop before an update that would write NaN or inf into the weights: a non-finite loss makes a non-finite
+    gradient, and the norm is the same number on every rank, so all stop together and nothing is saved."""
+    if not math.isfinite(grad_norm):
+        raise DataError(f"the gradient norm is {grad_norm}: the update is refused and nothing is saved (a loss or "
+                        f"gradient that is not finite; try a lower --lr)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,6 +330,27 @@ def mfu(tokens_per_s_per_gpu, n_params, device):
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s_per_gpu / peak if peak else None
+
+
+def reuse_records(out, name, protocol, weights, model, rank):
+    """Per-sample records in `out` (name.jsonl, name.rank*.jsonl) are kept only if made under the same `protocol`
+    by the same `weights` (a fingerprint, not a path): other settings stop the run (every rank, in one line);
+    other weights move the records aside, to name.stale-<fingerprint>.*, so they are computed afresh. Collective."""
+    meta = out / f"{name}.settings.json"
+    old = json.loads(meta.read_text()) if meta.exists() else protocol | {"fingerprint": weights}
+    if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != protocol:
+        raise DataError(f"{out} holds {name} results made with other settings ({meta}); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
+    barrier()  # all ranks have read the old settings before rank 0 replaces them
+    if rank == 0:
+        stale = old.get("fingerprint")
+        if stale != weights:
+            print(f"{name}: the weights changed since {out} was written (fingerprint {stale} -> {weights}); its "
+                  f"records move to {name}.stale-{stale}.*", file=sys.stderr)
+            for f in [*out.glob(f"{name}.jsonl"), *out.glob(f"{name}.rank*.jsonl")]:
+                f.rename(out / f.name.replace(name, f"{name}.stale-{stale}", 1))
+        write_atomic(meta, json.dumps(protocol | {"fingerprint": weights, "model": model}, indent=1))
+    barrier()  # the moves are done before anyone reads the records
 
 
 def fingerprint(path):

@@ -297,8 +297,8 @@ def test_forced_exit_tokens_carry_no_gradient(sft_tiny):
     """Rollouts with a think budget: the '</think>' the forced exit wrote is masked out of the loss."""
     path, _ = sft_tiny
     model, processor = data.load_model(path).eval(), data.load_processor(path)
-    args = args_for("--group-size", "2", "--temperature", "0", "--max-new-tokens", "20", "--think-budget", "6",
-                    "--answer-budget", "4")
+    args = args_for("--group-size", "2", "--max-new-tokens", "20", "--think-budget", "6", "--answer-budget", "4")
+    args.temperature = 0  # greedy rollouts, to know the forced tokens (grpo.py refuses 0: log-probs divide by it)
     rows = rollouts(model, processor, data.load_rl_data("toy")[:2], args, seeds=[0, 1])
     tok = processor.tokenizer
     for r in rows:
@@ -411,3 +411,61 @@ def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys
     status, lines = cli_error(grpo.main, argv, capsys)
     assert (status, lines[0]) == (1, "error: " + first) and len(lines) == 1
     assert [snapshot(p) for p in watched] == before
+
+
+SMALL = ["--model", "tiny", "--data", "toy", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+         "--max-steps", "2", "--reward-processes", "1"]
+
+
+def test_a_non_finite_update_is_refused_and_nothing_saved(tmp_path, monkeypatch, capsys):
+    """Whatever makes the loss NaN (here a stand-in for it), the step stops before AdamW writes NaN into the weights:
+    one line, exit 1, no checkpoint (before, --group-size 1 saved a `final` with NaN in half its tensors)."""
+    from conftest import cli_error
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (lambda loss, s: (loss * float("nan"), s))(*real(*a, **k)))
+    status, lines = cli_error(grpo.main, [*SMALL, "--out", str(tmp_path)], capsys)
+    assert status == 1 and lines[-1] == ("error: the gradient norm is nan: the update is refused and nothing is "
+                                         "saved (a loss or gradient that is not finite; try a lower --lr)")
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("step_*"))
+
+
+def rollout(text, finish_reason, answer="5"):
+    ids = list(range(len(text)))
+    return grpo.Rollout([], answer, None, ids, [1] * len(ids), text, finish_reason)
+
+
+def test_a_response_cut_at_the_cap_has_not_answered_by_default():
+    """--truncated zero (default): a right answer followed by more text up to the cap earns 0; score: 1 as
+    written (verl); mask: 1, but the response leaves the loss (DAPO's overlong filtering)."""
+    rows = [rollout("<think>2+3</think><answer>5</answer>", "stop"), rollout("<think>.</think><answer>5</answer> and", "length")]
+    assert grpo.score_rollouts(rows, 1).tolist() == [1.0, 0.0]
+    assert grpo.score_rollouts(rows, 1, "score").tolist() == [1.0, 1.0]
+    assert [r.in_loss for r in rows] == [True, True]
+    assert grpo.score_rollouts(rows, 1, "mask").tolist() == [1.0, 1.0]
+    assert [r.in_loss for r in rows] == [True, False] and set(rows[1].sampled_mask()) == {0}
+    assert grpo.parse_args(["--model", "m"]).truncated == "zero"
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
+    """The run directory's lock: while one run holds --out, another (here even a --resume of it, which passes the
+    first look) is refused in one line; the lock of a killed process is gone with it."""
+    import fcntl
+    import signal
+    from conftest import cli_error
+    out = tmp_path / "out"
+    grpo.main([*SMALL, "--max-steps", "1", "--final-state", "--out", str(out)])
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    argv = [*SMALL, "--max-steps", "2", "--out", str(out), "--resume", str(out / "final")]
+    capsys.readouterr()
+    status, lines = cli_error(grpo.main, argv, capsys)
+    assert (status, lines[-1]) == (1, f"error: --out {out} is in use by another run (it holds the directory's lock)")
+    holder.send_signal(signal.SIGKILL)  # killed: a stale lock must not block the resume
+    holder.wait()
+    grpo.main(argv)
+    assert json.loads((out / "final" / "train_state.json").read_text())["step"] == 2
+    fd = os.open(out, os.O_RDONLY)  # and the finished run has let go of it
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)

@@ -512,3 +512,49 @@ def test_an_image_rows_labels_cover_the_reply_and_its_image_tokens_match_the_pro
     assert ex["images"] == [str(tmp_path / "1.png")]
     with pytest.raises(ValueError, match="exactly one user turn"):
         data.parse_sft_row({"messages": [{"role": "assistant", "content": "x"}]})
+
+
+def test_a_non_finite_step_is_refused_and_nothing_saved(tmp_path, monkeypatch, capsys):
+    from conftest import cli_error
+    real = sft.token_loss_sum
+    monkeypatch.setattr(sft, "token_loss_sum", lambda *a, **k: real(*a, **k) * float("inf"))
+    status, lines = cli_error(sft.main, [*ARGS, "--micro-batch", "8", "--max-steps", "2", "--out", str(tmp_path)],
+                              capsys)
+    assert status == 1 and lines[-1].startswith("error: the gradient norm is nan: the update is refused")
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("step_*"))
+
+
+def test_two_runs_started_into_one_out_leave_one_run(tmp_path):
+    """Started together, one run writes --out and the other is refused in one line, whichever comes second (the
+    lock, or the finished run it then finds): metrics.jsonl holds one run's steps, once."""
+    argv = [sys.executable, "sft.py", *ARGS, "--micro-batch", "8", "--max-steps", "3", "--out", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], [err[-500:] for _, err in results]
+    refusal = next(err for code, err in results if code == 1).strip().splitlines()[-1]
+    assert refusal.startswith(f"error: --out {tmp_path / 'o'} ")
+    assert [m["step"] for m in losses_rows(tmp_path / "o")] == [1, 2, 3]
+
+
+def losses_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_like_sigterm(tmp_path):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "sft.py", *ARGS, "--micro-batch", "4", "--epochs", "50",
+                             "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    last = max(tmp_path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert f"saved {last}; continue with --resume {last}" in err
+    assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(tmp_path))
