@@ -33,7 +33,7 @@ import generate
 from plumbing.charts import svg_page
 from plumbing.cli import (COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser, passed_flags,
                            toy_preset)
-from plumbing.distributed import barrier, setup_distributed
+from plumbing.distributed import all_reduce_dict, setup_distributed
 from plumbing import runs
 from plumbing.runs import fingerprint, write_atomic
 from rewards import (choice_letter, extract_answer, last_boxed, math_equal, mmmu_normalize, mmmu_open_predictions,
@@ -341,7 +341,7 @@ def parse_args(argv=None):
     ap.add_argument("--min-pixels", type=POSITIVE_INT, default=262144, help="image resolution (X-Reasoner-7B's model card)")
     ap.add_argument("--max-pixels", type=COUNT, default=262144, help="image resolution (X-Reasoner-7B's model card); "
                     "0: the processor's own")
-    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="sequences per generation batch (ours)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
     ap.add_argument("--seed", type=COUNT, default=0, help="sampling seeds, per (item, sample) (ours)")
     # the text-only ablation (Table 6)
     ap.add_argument("--no-image", action="store_true", help="drop every image from the prompts")
@@ -401,18 +401,22 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     done = open_records(Path(args.out), bench, args, rank)
     todo = generate.shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = Path(args.out) / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
+    decoded = {"decode_forwards": 0, "live": 0.0, "slots": 0}  # slot occupancy = live / slots over decode steps
     with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
         if f.tell() and not path.read_bytes().endswith(b"\n"):
             f.write("\n")  # end the line a crash cut short; read_records skips it
-        for start in range(0, len(todo), args.batch_size * 4):
-            part = todo[start:start + args.batch_size * 4]
+        for start in range(0, len(todo), args.batch_size * 16):  # parts, each on disk before the next: resumable
+            part, s = todo[start:start + args.batch_size * 16], {}
             seeds = [generate.row_seed(args.seed, zlib.crc32(f"{t['id']}/{k}".encode())) for t, k in part]
             prompts = [prompt_text(bench, t, args.template) for t, _ in part]
             chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
             completions = generate.generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=seeds,
                                    think_budget=args.think_budget or None, answer_budget=args.answer_budget,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, stats=s)
+            n = s.get("decode_forwards", 0) * min(args.batch_size, len(part))
+            decoded = {"decode_forwards": decoded["decode_forwards"] + s.get("decode_forwards", 0),
+                       "live": decoded["live"] + n * s.get("occupancy", 0), "slots": decoded["slots"] + n}
             for (t, k), prompt, c in zip(part, prompts, completions):
                 extracted, correct = judge(bench, c.text, t["row"])
                 f.write(json.dumps({"id": t["id"], "sample": k, "prompt": prompt, "images": 0 if args.no_image else
@@ -421,7 +425,7 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
                                     c.finish_reason, "tokens": c.num_tokens, "words": len(c.text.split())}) + "\n")
             f.flush()  # what is on disk is kept by a rerun
             bar.update(len(part))
-    barrier()
+    decoded = all_reduce_dict(decoded, next(model.parameters()).device)
     if rank != 0:
         return None
     ids = {t["id"] for t in tasks}
@@ -432,7 +436,9 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
             by_id.setdefault(r["id"], []).append(r["correct"])
         write_solvable(args.text_solvable_out, bench,
                             sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
-    return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint}
+    return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint,
+                                                               "decode_forwards": int(decoded["decode_forwards"]),
+                                                               "occupancy": decoded["live"] / max(decoded["slots"], 1)}
 
 
 def prompt_text(bench, t, template=None):

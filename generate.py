@@ -4,22 +4,27 @@ GRPO's rollouts and every evaluation run through `generate()` below: our own dec
 `forward`, written out so that each step of sampling is visible.
 
     1. encode    each chat through the processor (text + images -> input_ids, pixel_values, image_grid_thw)
-    2. batch     sort by length, cut into chunks of `batch_size`, left-pad each chunk
-    3. prefill   one forward over the prompts with the multimodal rotary positions (M-RoPE) computed by us
-    4. decode    one token per step from the KV cache; greedy at temperature 0, else temperature + top-p,
-                 each row with its own seeded generator (same samples whatever the batch around it)
-    5. stop      a row ends at <|im_end|>/EOS or its budget, and leaves the batch and the cache at once
+    2. admit     prompts, shortest first, into free slots of a preallocated KV cache (SlotCache): `batch_size`
+                 slots, each refilled as soon as its row ends (continuous batching)
+    3. prefill   one forward over the admitted prompts, left-padded, with the multimodal rotary positions
+                 (M-RoPE) computed by us, their keys and values written into their slots
+    4. decode    one token per live row per step, each at its own cache column and position (decode_one_token),
+                 written in place; greedy at temperature 0, else temperature + top-p, each row with its own
+                 seeded generator (the same samples whatever the slots or rows around it); one host sync a step
+    5. stop      a row ends at <|im_end|>/EOS or its budget; the last live row takes its slot (compact)
     6. forced exit (§2.1): a row that has thought for `think_budget` tokens without closing </think> gets
                  "</think>" appended and may answer for `answer_budget` more tokens
 
     python generate.py --model tiny --prompt "What is 2 + 3?" [--image cat.png] [--temperature 0.7]
     python generate.py --model PATH --input prompts.jsonl --output out.jsonl --think-budget 3584
 
-Deliberate simplifications: a dynamic (growing) KV cache and no CUDA graphs; sharding across ranks is the
-caller's business (`shard()` below), so this function always takes a plain, unsharded model.
+Deliberate simplifications: one cache row per slot, as long as the longest prompt plus the budget (no paged
+blocks), attention over the longest live row with a mask, no CUDA graphs or torch.compile; sharding across ranks
+is the caller's business (`shard()` below), so this function always takes a plain, unsharded model.
 """
 import os
 import sys
+import weakref
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 import data
 import rewards
@@ -36,6 +41,7 @@ from plumbing.cli import COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataErr
 from plumbing.distributed import setup_distributed
 
 THINK_END = "</think>"
+PREFILL_ROWS = 16  # prompts per prefill forward (ours): bounds its activations, which sit beside the whole KV cache
 
 
 @dataclass
@@ -92,10 +98,11 @@ def rope_positions(model, batch):
     return positions, positions.amax(dim=(0, 2)) + 1  # (3, B, L), (B,)
 
 
-def next_positions(next_pos, like):
+def next_positions(next_pos, axes):
     """Positions of one new token per row, (3, B, 1): a text token sits at the same place on M-RoPE's three axes
-    (time, height, width), so all three advance together; a plain causal LM takes (B, 1)."""
-    if like.dim() == 3:
+    (time, height, width), so all three advance together; a plain causal LM (`axes` 2: (B, L) positions) takes
+    (B, 1)."""
+    if axes == 3:
         return next_pos.view(1, -1, 1).expand(3, -1, 1)  # the 3 axes of M-RoPE, one position each
     return next_pos.view(-1, 1)
 
@@ -137,6 +144,9 @@ class Row:
     forced: list = field(default_factory=list)   # "</think>" tokens still to feed after a forced exit
     answer_left: int = None          # answer tokens left after a forced exit; None: no forced exit
     finish_reason: str = "length"    # "length" until it stops otherwise
+    index: int = None                # which conversation it answers
+    budget: int = None               # at most this many tokens (max_new_tokens, or less near the context's end)
+    columns: int = 0                 # columns of its cache row written so far (left padding included)
 
 
 def advance(row, t, tokenizer, *, think_budget, answer_budget, stop_ids, may_close):
@@ -157,92 +167,205 @@ def advance(row, t, tokenizer, *, think_budget, answer_budget, stop_ids, may_clo
     return not (row.answer_left is not None and row.answer_left <= 0 and not row.forced)  # answer budget spent
 
 
-@torch.no_grad()
-def generate_chunk(model, tokenizer, encodings, seeds, *, max_new_tokens, temperature, top_p, think_budget,
-                   answer_budget, stop_ids, may_close):
-    """Steps 2-6 for one chunk of prompts: a Completion per prompt, in the chunk's order."""
+class SlotCache(Cache):
+    """The KV cache of `slots` rows of up to `max_len` tokens, preallocated once and written in place (transformers'
+    DynamicCache appends with torch.cat, which copies the whole cache at every step). Live rows fill slots
+    [0, live); each row writes its next key and value at its own column `where[b]`, and attention sees columns
+    [0, length), a per-row mask hiding what is not the row's. A prefill writes its prompts' block straight into
+    rows `prefill_rows` (no temporary cache to copy from)."""
+
+    def __init__(self, config, slots, max_len, dtype, device):
+        text = config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (slots, text.num_key_value_heads, max_len, head_dim)
+        super().__init__(layers=[SlotLayer(self, shape, dtype, device) for _ in range(text.num_hidden_layers)])
+        self.live, self.length, self.rows, self.where, self.prefill_rows = 0, 0, None, None, None
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values, (slots, kv_heads, max_len, head_dim); the shared bookkeeping is the cache's."""
+
+    def __init__(self, cache, shape, dtype, device):
+        super().__init__()
+        # a weak reference: a cycle cache -> layer -> cache would keep ~16 GB (7B, 64 slots) alive until a GC pass
+        self.cache, self.is_initialized = weakref.proxy(cache), True
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):                  # (B, kv_heads, T, head_dim)
+        c = self.cache
+        if c.prefill_rows is not None:  # the admitted prompts, left-padded to one width P: columns [0, P)
+            width = key_states.shape[2]
+            self.keys[c.prefill_rows, :, :width], self.values[c.prefill_rows, :, :width] = key_states, value_states
+            return key_states, value_states
+        self.keys[c.rows, :, c.where] = key_states[:, :, 0]                          # in place: no copy of the rest
+        self.values[c.rows, :, c.where] = value_states[:, :, 0]
+        return self.keys[:c.live, :, :c.length], self.values[:c.live, :, :c.length]
+
+    def get_seq_length(self):
+        return 0 if self.cache.prefill_rows is not None else self.cache.length - 1
+
+    def get_mask_sizes(self, query_length):
+        return (query_length if self.cache.prefill_rows is not None else self.cache.length), 0
+
+    def get_max_length(self):
+        return self.keys.shape[2]
+
+
+@dataclass
+class Slots:
+    """Per-slot state on the device: how many columns each row has written (slots,), the rotary position of its
+    next token (slots,), and its additive attention mask (slots, max_len): 0 on its own tokens, the dtype's minimum
+    on its left padding and beyond (eager attention adds the mask, so it must be a float, not a bool)."""
+    length: torch.Tensor
+    position: torch.Tensor
+    mask: torch.Tensor
+
+    def move(self, cache, src, dst, columns):
+        """Row `src` takes slot `dst`: its state and the `columns` it has written of its cache row, nothing else."""
+        for t in (self.length, self.position, self.mask):
+            t[dst] = t[src]
+        for layer in cache.layers:
+            layer.keys[dst, :, :columns].copy_(layer.keys[src, :, :columns])
+            layer.values[dst, :, :columns].copy_(layer.values[src, :, :columns])
+
+
+def prefill(model, tokenizer, encodings, cache, slots, first):
+    """Step 3 for newly admitted prompts: one forward over them, left-padded, with M-RoPE positions we compute, their
+    keys and values written into slots [first, first + n). Returns their next-token logits (n, vocab) and P."""
     device = next(model.parameters()).device
-    # 2-3. left-pad, then one forward over all prompts fills the KV cache and gives each row's next-token logits
-    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}      # (B, L) each
-    positions, next_pos = rope_positions(model, batch)                                 # (3, B, L), (B,)
-    # Without padding the causal mask is implicit: passing None lets attention skip building a mask each step.
-    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None             # (B, L)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                   **vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    rows = [Row(torch.Generator(device=device).manual_seed(s), think_budget is not None) for s in seeds]
-    live = list(rows)                    # the rows still in the batch, in batch order
-    for _ in range(max_new_tokens):
-        # 4. one token per live row                                                   logits: (B_live, vocab)
-        token = sample(logits, temperature, top_p, [row.generator for row in live])     # (B_live,)
-        keep = []
-        for j, row in enumerate(live):
-            if row.forced:               # 6. a forced exit writes its "</think>" over what was sampled
-                token[j] = row.forced.pop(0)
-                row.sampled.append(0)
-            else:
-                row.sampled.append(1)
-                if row.answer_left is not None:
-                    row.answer_left -= 1
-            if advance(row, int(token[j]), tokenizer, think_budget=think_budget, answer_budget=answer_budget,
-                       stop_ids=stop_ids, may_close=may_close):
-                keep.append(j)
-        if not keep:
+    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}      # (n, P) each
+    positions, next_pos = rope_positions(model, batch)
+    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None
+    n, P = batch["input_ids"].shape
+    rows = cache.prefill_rows = slice(first, first + n)
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                       **vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    finally:
+        cache.prefill_rows = None
+    slots.mask[rows] = torch.finfo(slots.mask.dtype).min  # what a slot's last row left behind, and the padding
+    slots.mask[rows, :P] = slots.mask[rows, :P].masked_fill(batch["attention_mask"].bool(), 0.0)
+    slots.length[rows], slots.position[rows] = P, next_pos
+    return logits, P  # every admitted row's cache row now holds P columns, its left padding included
+
+
+def decode_one_token(model, tokens, cache, slots, rope):
+    """Step 4: one forward of one token per live row, each at its own column and rotary position."""
+    live = cache.live
+    cache.rows, cache.where = torch.arange(live, device=tokens.device), slots.length[:live]
+    slots.mask[cache.rows, cache.where] = 0.0                         # each row now also sees the token it writes
+    logits = model(input_ids=tokens[:, None], attention_mask=slots.mask[:live, None, None, :cache.length],
+                   position_ids=next_positions(slots.position[:live], rope),
+                   past_key_values=cache, use_cache=True).logits[:, -1]
+    slots.length[:live] += 1
+    slots.position[:live] += 1
+    return logits
+
+
+def step_row(row, t, tokenizer, **rules):
+    """Steps 5-6 for one row: its sampled token t, or instead the next token of a forced exit; False when it ends."""
+    if row.forced:                   # 6. a forced exit writes its "</think>" over what was sampled
+        t = row.forced.pop(0)
+        row.sampled.append(0)
+    else:
+        row.sampled.append(1)
+        if row.answer_left is not None:
+            row.answer_left -= 1
+    return advance(row, t, tokenizer, **rules) and len(row.tokens) < row.budget  # at the budget: "length"
+
+
+def compact(cache, slots, rows, done, tokens):
+    """Step 5: finished rows leave. Each hole, from the front, takes the last live row: one cache row is copied per
+    finished row, never the whole cache. Returns the live rows and their next input tokens, in slot order."""
+    j, last = 0, len(rows) - 1
+    while True:
+        while last >= 0 and done[last]:
+            last -= 1
+        while j < last and not done[j]:
+            j += 1
+        if j >= last:
             break
-        if len(keep) < len(live):        # 5. finished rows leave the batch and the cache
-            idx = torch.tensor(keep, device=device)
-            for layer in cache.layers:
-                layer.batch_select_indices(idx)
-            token, next_pos = token[idx], next_pos[idx]
-            mask = mask[idx] if mask is not None else None
-            live = [live[j] for j in keep]
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)                 # (B_live, L + t)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_positions(next_pos, positions),
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
-    return [Completion(tokenizer.decode(row.tokens, skip_special_tokens=True), row.tokens, row.finish_reason,
-                       len(row.tokens), row.sampled) for row in rows]
+        slots.move(cache, last, j, rows[last].columns)
+        rows[j], tokens[j], done[j], done[last] = rows[last], tokens[last], False, True
+    return rows[:last + 1], tokens[:last + 1]
 
 
-def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
-             think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False):
-    """Complete each chat; returns one Completion per conversation, in input order.
-    `seed`: an int (row i uses a seed derived from it and i) or a list with one seed per conversation."""
-    if not conversations:
-        return []
-    tokenizer = data.tokenizer_of(processor)
-    stop_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-                   else [model.generation_config.eos_token_id]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+def stop_tokens(model, tokenizer):
+    """The ids that end a row (the model's EOS ids and <|im_end|>), and per id whether it can complete "</think>"
+    (only a token containing ">" can: a row's tail is decoded only after one of those)."""
+    eos = model.generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     stop_ids.discard(None)
-    # Only a token containing ">" can complete "</think>": decode a row's tail only after one of those.
     if getattr(tokenizer, "_may_close", None) is None:
         tokenizer._may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
-    text_config = model.config.get_text_config()
-    may_close = tokenizer._may_close + [False] * (text_config.vocab_size - len(tokenizer._may_close))
-    limit = text_config.max_position_embeddings
+    vocab = model.config.get_text_config().vocab_size
+    return stop_ids, tokenizer._may_close + [False] * (vocab - len(tokenizer._may_close))
+
+
+@torch.no_grad()
+def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
+             think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False, stats=None):
+    """Complete each chat; returns one Completion per conversation, in input order. `batch_size` slots are
+    decoded together and a slot is refilled as soon as its row ends (continuous batching); every row keeps its
+    own budget, forced exit and seeded generator, so its output does not depend on the slots or the rows beside
+    it. `max_new_tokens` and `seed`: one for all (row i's seed derived from it and i) or one per conversation.
+    `stats`, a dict, receives decode_forwards and occupancy (live rows per decode forward, over slots)."""
+    n = len(conversations)
+    budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+    if not conversations or max(budgets) <= 0:
+        return [Completion("", [], "length", 0, []) for _ in conversations]
+    tokenizer = data.tokenizer_of(processor)
+    stop_ids, may_close = stop_tokens(model, tokenizer)
+    limit = model.config.get_text_config().max_position_embeddings
     encodings = [encode(processor, c) for c in conversations]
-    results = [None] * len(conversations)
-    for i, e in enumerate(encodings):
-        if e["input_ids"].shape[1] >= limit:
-            raise ValueError(f"prompt {i} has {e['input_ids'].shape[1]} tokens; the model's context is {limit}")
-    if isinstance(seed, (list, tuple)):  # one seed per conversation (GRPO: independent of how rows are sharded)
-        seeds = list(seed)
-    else:
-        base = seed if seed is not None else torch.randint(0, 2**31 - 1, ()).item()
-        seeds = [row_seed(base, i) for i in range(len(conversations))]  # a row's samples depend on its index
-    order = sorted(range(len(encodings)), key=lambda i: encodings[i]["input_ids"].shape[1])
-    bar = tqdm(total=len(order), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        budget = min(max_new_tokens, limit - max(encodings[i]["input_ids"].shape[1] for i in rows))
-        chunk = generate_chunk(model, tokenizer, [encodings[i] for i in rows], [seeds[i] for i in rows],
-                               max_new_tokens=budget, temperature=temperature, top_p=top_p, think_budget=think_budget,
-                               answer_budget=answer_budget, stop_ids=stop_ids, may_close=may_close)
-        for i, c in zip(rows, chunk):
-            results[i] = c
-        bar.update(len(rows))
+    lengths = [e["input_ids"].shape[1] for e in encodings]
+    for i, n in enumerate(lengths):
+        if n >= limit:
+            raise ValueError(f"prompt {i} has {n} tokens; the model's context is {limit}")
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else \
+        [row_seed(torch.randint(0, 2**31 - 1, ()).item() if seed is None else seed, i) for i in range(len(encodings))]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    slots_n = min(batch_size, len(encodings))
+    cache = SlotCache(model.config, slots_n, min(limit, max(lengths) + max(budgets)), dtype, device)
+    slots = Slots(*(torch.zeros(slots_n, dtype=torch.long, device=device) for _ in range(2)),
+                  torch.zeros(slots_n, cache.layers[0].keys.shape[2], dtype=dtype, device=device))
+    rope = 3 if hasattr(model.model, "get_rope_index") else 2
+    pending = sorted(range(len(encodings)), key=lambda i: lengths[i])  # similar lengths prefill together
+    results, live, logits, forwards, occupied = [None] * len(encodings), [], None, 0, 0
+    bar = tqdm(total=len(encodings), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
+    while pending or live:
+        if pending and len(live) < slots_n:  # admit: free slots take the next prompts
+            take = min(slots_n - len(live), PREFILL_ROWS)
+            new, pending = pending[:take], pending[take:]
+            first, width = prefill(model, tokenizer, [encodings[i] for i in new], cache, slots, len(live))
+            live += [Row(torch.Generator(device=device).manual_seed(seeds[i]), think_budget is not None, index=i,
+                         budget=min(budgets[i], limit - lengths[i]), columns=width) for i in new]
+            logits = first if logits is None else torch.cat([logits, first])
+        tokens = sample(logits, temperature, top_p, [row.generator for row in live]).tolist()  # one host sync
+        done = [not step_row(row, t, tokenizer, think_budget=think_budget, answer_budget=answer_budget,
+                             stop_ids=stop_ids, may_close=may_close) for row, t in zip(live, tokens)]
+        tokens = [row.tokens[-1] for row in live]  # a forced exit wrote over what was sampled
+        for row, d in zip(live, done):
+            if d:
+                results[row.index] = Completion(tokenizer.decode(row.tokens, skip_special_tokens=True), row.tokens,
+                                                row.finish_reason, len(row.tokens), row.sampled)
+                bar.update(1)
+        live, tokens = compact(cache, slots, live, done, tokens)
+        if not live:
+            logits = None
+            continue
+        cache.live, cache.length = len(live), max(row.columns for row in live) + 1  # attention sees [0, length)
+        logits = decode_one_token(model, torch.tensor(tokens, device=device), cache, slots, rope)
+        forwards, occupied = forwards + 1, occupied + len(live)
+        for row in live:
+            row.columns += 1
     bar.close()
+    if stats is not None:
+        stats.update(decode_forwards=forwards, occupancy=occupied / max(forwards * slots_n, 1))
     return results
 
 
@@ -316,7 +439,7 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling; 1: off (§3: off)")
     ap.add_argument("--think-budget", type=POSITIVE_INT, default=None, help="forced exit after N thinking tokens (§2.1)")
     ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
-    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="sequences per generation batch (ours)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
     ap.add_argument("--seed", type=COUNT, default=0, help="sampling seed (ours)")
     args = ap.parse_args(argv)
     if args.distil and not args.output:

@@ -85,7 +85,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=COUNT, default=0, help="prompt order and rollout seeds (ours)")
     # systems (ours)
     ap.add_argument("--micro-batch", type=POSITIVE_INT, default=4, help="sequences per training forward (ours)")
-    ap.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="sequences per generation batch (ours)")
+    ap.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
     ap.add_argument("--reward-processes", type=POSITIVE_INT, default=4, help="verifier helper processes (ours)")
     ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
     ap.add_argument("--save-every", type=COUNT, default=50, help="save every N steps (ours)")
@@ -122,14 +122,15 @@ class Rollout:
 
 
 def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_new_tokens, think_budget,
-             answer_budget, gen_batch, progress=False):
+             answer_budget, gen_batch, progress=False, stats=None):
     """`group_size` responses to each prompt, consecutive, so a group is rows [g * group_size, (g+1) * group_size).
-    One seed per (prompt, sample): the same rollouts on 1 GPU or 64."""
+    One seed per (prompt, sample): the same rollouts on 1 GPU or 64. All of them in one call: `gen_batch` slots,
+    each refilled as soon as its row ends."""
     chats = [p["messages"] for p in prompts for _ in range(group_size)]
     seeds = [s * group_size + k for s in seeds for k in range(group_size)]
     completions = generate.generate(infer, processor, chats, max_new_tokens=max_new_tokens, temperature=temperature,
                                     think_budget=think_budget, answer_budget=answer_budget, batch_size=gen_batch,
-                                    seed=seeds, progress=progress)
+                                    seed=seeds, progress=progress, stats=stats)
     return [Rollout(p["messages"], p["answer"], p["options"], c.token_ids, c.sampled, c.text, c.finish_reason)
             for p, c in zip([p for p in prompts for _ in range(group_size)], completions)]
 
@@ -284,7 +285,7 @@ def refresh_inference_copy(policy, copy):
         copies[name].copy_(full_tensor(p).to(copies[name].dtype))
 
 
-def step_metrics(rows, reward, advantages, stats, group_size, device):
+def step_metrics(rows, reward, advantages, stats, decoding, group_size, device):
     """One step's numbers for metrics.jsonl, each formula beside its name, every sum taken over all ranks.
 
     Figure 5 of the paper plots: reward ("training reward"), loss ("policy gradient loss"), advantage ("mean
@@ -292,7 +293,8 @@ def step_metrics(rows, reward, advantages, stats, group_size, device):
     the share of responses cut at --max-new-tokens). Also here: response_len_max; flat_groups, the share of groups
     whose rewards are all equal (no gradient); forced_exit, the share the forced exit ended (§2.1); tagged, the
     share with an <answer>...</answer>; kl (k3) and entropy per sampled token; ppo_clipped, PPO's clip fraction,
-    the share of tokens whose ratio was clipped; ratio_dev, the largest |ratio - 1| (0 on-policy); grad_norm.
+    the share of tokens whose ratio was clipped; ratio_dev, the largest |ratio - 1| (0 on-policy); grad_norm;
+    decode_forwards, the rollouts' decode steps on the slowest rank, and occupancy, live rows per step over slots.
     """
     lengths = [len(r.token_ids) for r in rows]
     total = all_reduce_dict({
@@ -302,8 +304,9 @@ def step_metrics(rows, reward, advantages, stats, group_size, device):
         "forced_exit": sum(r.finish_reason == "forced_exit" for r in rows),
         "tagged": sum(rewards.extract_answer(r.text, require_tags=True) is not None for r in rows),
         "kl": stats["kl"], "ppo_clipped": stats["clipped"], "entropy": stats["entropy"],
-        "loss_tokens": stats["tokens"], "loss": stats["loss"]}, device)
-    largest = all_reduce_dict({"response_len_max": max(lengths), "ratio_dev": stats["ratio_dev"]}, device, "max")
+        "loss_tokens": stats["tokens"], "loss": stats["loss"], "occupancy": decoding["occupancy"], "ranks": 1}, device)
+    largest = all_reduce_dict({"response_len_max": max(lengths), "ratio_dev": stats["ratio_dev"],
+                               "decode_forwards": decoding["decode_forwards"]}, device, "max")
     per_response, per_token = total["responses"], max(total["loss_tokens"], 1)
     return {"reward": total["reward"] / per_response, "advantage": total["advantage"] / per_response,
             "loss": total["loss"], "response_len": total["response_tokens"] / per_response,
@@ -311,7 +314,8 @@ def step_metrics(rows, reward, advantages, stats, group_size, device):
             "forced_exit": total["forced_exit"] / per_response, "tagged": total["tagged"] / per_response,
             "flat_groups": total["flat_groups"] / total["groups"], "kl": total["kl"] / per_token,
             "ppo_clipped": total["ppo_clipped"] / per_token, "entropy": total["entropy"] / per_token,
-            "ratio_dev": largest["ratio_dev"], "grad_norm": stats["grad_norm"]}
+            "ratio_dev": largest["ratio_dev"], "grad_norm": stats["grad_norm"],
+            "decode_forwards": largest["decode_forwards"], "occupancy": total["occupancy"] / total["ranks"]}
 
 def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, args, world, device, progress):
     """Steps 1-7 on this rank's prompts. With --offload, the training state (policy shards, AdamW state, reference)
@@ -321,10 +325,11 @@ def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, ar
                       *(reference.parameters() if reference is not None else [])]
     with parked(training_state, args.offload):
         # 1. rollouts; seeds follow (step, prompt), not the rank
+        decoding = {}  # this rank's decode forwards and slot occupancy
         rows = rollouts(infer, processor, prompts, seeds, group_size=args.group_size,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                         think_budget=args.think_budget, answer_budget=args.answer_budget, gen_batch=args.gen_batch,
-                        progress=progress)
+                        progress=progress, stats=decoding)
     clock.lap("generate")
     with parked(infer.parameters(), args.offload):
         # 2-3. rewards, and each response's advantage within its group
@@ -346,7 +351,7 @@ def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, ar
     # 7. the new weights into the inference copy
     refresh_inference_copy(policy, infer)
     clock.lap("update")
-    return {**step_metrics(rows, reward, advantages, stats, args.group_size, device), **clock.laps}
+    return {**step_metrics(rows, reward, advantages, stats, decoding, args.group_size, device), **clock.laps}
 
 
 def lr_at(step, args, total):

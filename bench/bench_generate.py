@@ -1,25 +1,35 @@
-"""Decode speed: our loop (generate.py) vs transformers' model.generate, side by side, same settings.
+"""Decode speed: generate.py's slot cache with continuous batching, side by side with the chunked loop it replaced
+(kept below as the reference path: a DynamicCache grown by torch.cat, chunks run to their longest row) and with
+transformers' model.generate. Same settings, interleaved runs, the best of `--repeats`.
 
-    python bench/bench_generate.py                 # CPU: tiny and a ~150M-parameter Qwen2.5-VL shape
+    python bench/bench_generate.py                 # CPU: the rows below; --json ends with one JSON object
     python bench/bench_generate.py --gpu           # CUDA: bf16 3B/7B shapes, batch 64, 1,024 new tokens
 
-Greedy decoding, random weights (no download), no stop token reached, so both produce the same number of
-tokens. Prints tokens/s for each and our speed as a ratio of model.generate's. On a GPU it also prints the
-fraction of the memory-bandwidth bound: each decode step must read all weights plus the KV cache once.
+Rows (greedy, random weights, no stop token reached unless per-row caps say so):
+    tiny_b16          the tiny model, 16 equal prompts, 64 new tokens: ours / reference
+    kv7b_b16          7B's per-layer KV shape (4 KV heads x 128), 2 layers, 16 x 512 new tokens: ours / reference
+    shape150m_b16     a ~150M Qwen2.5-VL shape, 16 x 32 new tokens: ours / reference
+    longtail_*        256 prompts whose caps are drawn lognormal (median 48, at most 256), 32 slots: wall-time
+                      speed-up, decode forwards ours / reference, and our occupancy (live rows per forward / slots)
+    hf_tiny_b16       ours / model.generate on the tiny row
 """
 import argparse
+import json
+import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import generate as G  # noqa: E402
 
 SHAPES = {  # text hidden, layers, heads, kv heads, intermediate (vision tower kept small: prompts are text)
-    "150M": (768, 12, 12, 2, 2048), "3B": (2048, 36, 16, 2, 11008), "7B": (3584, 28, 28, 4, 18944)}
+    "150M": (768, 12, 12, 2, 2048), "3B": (2048, 36, 16, 2, 11008), "7B": (3584, 28, 28, 4, 18944),
+    "kv7b": (512, 2, 4, 4, 128)}  # 7B's KV per layer (4 heads of 128); a thin MLP, so the cache dominates
 
 
 def random_model(shape, processor, dtype, device):
@@ -37,50 +47,169 @@ def random_model(shape, processor, dtype, device):
     return model
 
 
-def time_both(model, processor, batch, new_tokens, repeats=2):
-    convs = [[data.user_message(f"Question {i}: what is {i} + {i}?")] for i in range(batch)]
-    inputs = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", padding=True).to(model.device)
+@torch.no_grad()
+def chunk_reference(model, tokenizer, encodings, seeds, budgets, *, temperature, top_p, think_budget,
+                   answer_budget, stop_ids, may_close):
+    """generate.py before its slot cache: one chunk decoded until its longest row ends, the cache grown by
+    torch.cat (DynamicCache) and cut down by batch_select_indices as rows finish. Rows end at their own budget."""
+    device = next(model.parameters()).device
+    # 2-3. left-pad, then one forward over all prompts fills the KV cache and gives each row's next-token logits
+    batch = {k: v.to(device) for k, v in G.collate(encodings, tokenizer.pad_token_id).items()}      # (B, L) each
+    positions, next_pos = G.rope_positions(model, batch)                                 # (3, B, L), (B,)
+    # Without padding the causal mask is implicit: passing None lets attention skip building a mask each step.
+    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None             # (B, L)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                   **G.vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    rows = [G.Row(torch.Generator(device=device).manual_seed(s), think_budget is not None) for s in seeds]
+    live = list(rows)                    # the rows still in the batch, in batch order
+    forwards, occupied = 0, 0
+    for _ in range(max(budgets)):
+        # 4. one token per live row                                                   logits: (B_live, vocab)
+        token = G.sample(logits, temperature, top_p, [row.generator for row in live])     # (B_live,)
+        keep = []
+        for j, row in enumerate(live):
+            if row.forced:               # 6. a forced exit writes its "</think>" over what was sampled
+                token[j] = row.forced.pop(0)
+                row.sampled.append(0)
+            else:
+                row.sampled.append(1)
+                if row.answer_left is not None:
+                    row.answer_left -= 1
+            if G.advance(row, int(token[j]), tokenizer, think_budget=think_budget, answer_budget=answer_budget,
+                         stop_ids=stop_ids, may_close=may_close) and len(row.tokens) < budgets[rows.index(row)]:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(live):        # 5. finished rows leave the batch and the cache
+            idx = torch.tensor(keep, device=device)
+            for layer in cache.layers:
+                layer.batch_select_indices(idx)
+            token, next_pos = token[idx], next_pos[idx]
+            mask = mask[idx] if mask is not None else None
+            live = [live[j] for j in keep]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)                 # (B_live, L + t)
+        logits = model(input_ids=token[:, None], attention_mask=mask,
+                       position_ids=G.next_positions(next_pos, positions.dim()),
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos, forwards, occupied = next_pos + 1, forwards + 1, occupied + len(live)
+    STATS["forwards"] += forwards
+    STATS["occupied"] += occupied
+    return [G.Completion(tokenizer.decode(row.tokens, skip_special_tokens=True), row.tokens, row.finish_reason,
+                       len(row.tokens), row.sampled) for row in rows]
+
+
+STATS = {"forwards": 0, "occupied": 0}
+
+
+def reference_generate(model, processor, conversations, *, max_new_tokens, batch_size, temperature=0.0, top_p=1.0,
+                       seed=0, think_budget=None, answer_budget=512):
+    """The reference path: prompts sorted by length, cut into chunks of `batch_size`, each chunk run to its end."""
+    tokenizer = processor.tokenizer
+    stop_ids, may_close = G.stop_tokens(model, tokenizer)
+    encodings = [G.encode(processor, c) for c in conversations]
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(encodings)
+    order = sorted(range(len(encodings)), key=lambda i: encodings[i]["input_ids"].shape[1])
+    results = [None] * len(encodings)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = chunk_reference(model, tokenizer, [encodings[i] for i in rows], [G.row_seed(seed, i) for i in rows],
+                                [budgets[i] for i in rows], temperature=temperature, top_p=top_p,
+                                think_budget=think_budget, answer_budget=answer_budget, stop_ids=stop_ids,
+                                may_close=may_close)
+        for i, c in zip(rows, chunk):
+            results[i] = c
+    return results
+
+
+
+def timed(fn, sync):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
+def compare(model, processor, convs, budgets, slots, repeats, hf=False):
+    """Best seconds of ours, the reference (and model.generate), interleaved; forwards and occupancy of each."""
     eos = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = None  # both run the full length
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    best = {"ours": 1e9, "hf": 1e9}
+    model.generation_config.eos_token_id = None  # every row runs to its cap
+    sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else (lambda: None)
+    best, stats = {"ours": 1e9, "ref": 1e9, "hf": 1e9}, {}
     for _ in range(repeats):
-        sync(); t = time.perf_counter()
-        G.generate(model, processor, convs, max_new_tokens=new_tokens, batch_size=batch)
-        sync(); best["ours"] = min(best["ours"], time.perf_counter() - t)
-        sync(); t = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        sync(); best["hf"] = min(best["hf"], time.perf_counter() - t)
+        seconds, _ = timed(lambda: G.generate(model, processor, convs, max_new_tokens=budgets, batch_size=slots,
+                                              seed=0, stats=stats), sync)
+        best["ours"] = min(best["ours"], seconds)
+        STATS.update(forwards=0, occupied=0)
+        seconds, _ = timed(lambda: reference_generate(model, processor, convs, max_new_tokens=budgets,
+                                                      batch_size=slots), sync)
+        best["ref"] = min(best["ref"], seconds)
+        if hf:
+            inputs = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                   return_tensors="pt", padding=True).to(model.device)
+            seconds, _ = timed(lambda: model.generate(**inputs, max_new_tokens=budgets, min_new_tokens=budgets,
+                                                      do_sample=False), sync)
+            best["hf"] = min(best["hf"], seconds)
     model.generation_config.eos_token_id = eos
-    return {k: batch * new_tokens / v for k, v in best.items()}
+    ref_forwards = STATS["forwards"]
+    return best, {"forwards": stats["decode_forwards"], "occupancy": stats["occupancy"], "ref_forwards": ref_forwards,
+                  "ref_occupancy": STATS["occupied"] / max(ref_forwards * slots, 1)}
 
 
-def main():
+def prompts(n):
+    return [[data.user_message(f"Question {i}: what is {i} + {i}?")] for i in range(n)]
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gpu", action="store_true", help="bf16 3B/7B shapes on CUDA")
-    ap.add_argument("--new-tokens", type=int, default=None, help="tokens decoded per sequence (default: per shape)")
-    args = ap.parse_args()
+    ap.add_argument("--gpu", action="store_true", help="bf16 3B/7B shapes on CUDA, tokens/s against the bandwidth bound")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each, the best kept")
+    ap.add_argument("--json", action="store_true", help="end with one JSON object of the ratios")
+    args = ap.parse_args(argv)
     processor = data.load_processor("tiny")
     torch.manual_seed(0)
     if args.gpu:
-        runs = [(s, b, args.new_tokens or 1024) for s in ("3B", "7B") for b in (1, 64)]
-        dtype, device, peak_bw = torch.bfloat16, "cuda", 3.35e12  # H100 SXM HBM3
-    else:
-        runs = [("tiny", 1, 64), ("tiny", 16, 64), ("150M", 1, 32), ("150M", 16, 32)]
-        dtype, device, peak_bw = torch.float32, "cpu", None
-    print(f"{'model':>6} {'batch':>5} {'new':>5} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}")
-    for shape, batch, new in runs:
-        model = data.load_model("tiny").eval() if shape == "tiny" else random_model(shape, processor, dtype, device)
-        r = time_both(model, processor, batch, new, repeats=3)
-        line = f"{shape:>6} {batch:>5} {new:>5} {r['ours']:>11.1f} {r['hf']:>15.1f} {r['ours'] / r['hf']:>6.2f}"
-        if peak_bw:
+        return gpu(processor)
+    out = {}
+    tiny = data.load_model("tiny").eval()
+    for key, model, batch, new in [("tiny_b16", tiny, 16, 64),
+                                   ("kv7b_b16", random_model("kv7b", processor, torch.float32, "cpu"), 16, 512),
+                                   ("shape150m_b16", random_model("150M", processor, torch.float32, "cpu"), 16, 32)]:
+        best, _ = compare(model, processor, prompts(batch), new, batch, args.repeats, hf=key == "tiny_b16")
+        out[key] = best["ref"] / best["ours"]
+        if key == "tiny_b16":
+            out["hf_tiny_b16"] = best["hf"] / best["ours"]
+        print(f"{key:>14}: ours {batch * new / best['ours']:8.1f} tok/s, reference {batch * new / best['ref']:8.1f}, "
+              f"speed-up {out[key]:.2f}x", flush=True)
+    rng = random.Random(0)
+    caps = [min(256, max(1, round(rng.lognormvariate(0, 0.9) * 48))) for _ in range(256)]  # median 48, long tail
+    best, s = compare(tiny, processor, prompts(len(caps)), caps, 32, max(1, args.repeats - 1))
+    out.update(longtail_speedup=best["ref"] / best["ours"], longtail_forwards_ratio=s["forwards"] / s["ref_forwards"],
+               longtail_occupancy=s["occupancy"], longtail_ref_occupancy=s["ref_occupancy"], compile_tiny_b1=None)
+    print(f"      longtail: {sum(caps)} tokens in 256 rows, 32 slots: speed-up {out['longtail_speedup']:.2f}x, decode "
+          f"forwards {s['forwards']} vs {s['ref_forwards']} ({out['longtail_forwards_ratio']:.2f}), occupancy "
+          f"{s['occupancy']:.2f} vs {s['ref_occupancy']:.2f}")
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+def gpu(processor):
+    """tokens/s of ours at batch 1 and 64 against the bound of reading the weights and the KV cache once a step."""
+    peak_bw = 4.8e12 if "H200" in torch.cuda.get_device_name() else 3.35e12  # HBM3e / HBM3 (NVIDIA's data sheets)
+    for shape in ("3B", "7B"):
+        model = random_model(shape, processor, torch.bfloat16, "cuda")
+        for batch in (1, 64):
+            best, _ = compare(model, processor, prompts(batch), 1024, batch, 1)
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             tc = model.config.text_config
             kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 2
-            step_bytes = weights + batch * kv * (new // 2 + 64)  # average cache length over the run
-            line += f"  bandwidth bound {r['ours'] / batch * step_bytes / peak_bw:.0%}"
-        print(line, flush=True)
+            step_bytes = weights + batch * kv * (512 + 64)  # the average cache length over the run
+            tok_s = batch * 1024 / best["ours"]
+            print(f"{shape} batch {batch}: ours {tok_s:.0f} tok/s ({tok_s / batch * step_bytes / peak_bw:.0%} of the "
+                  f"bandwidth bound), reference {batch * 1024 / best['ref']:.0f} tok/s", flush=True)
         del model
 
 

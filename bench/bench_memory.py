@@ -8,8 +8,8 @@ FakeTensorMode with a fake process group of --world ranks. No memory is allocate
 What runs is the training code itself: the model is the real transformers class at Qwen2.5-VL's published
 shape, sharded by sft.shard_model (bf16 compute, fp32 master weights and reduction, activation checkpointing),
 the loss is sft.token_loss_sum / grpo.token_logprobs + grpo.policy_loss, AdamW steps, the GRPO inference copy
-is filled by grpo.refresh_inference_copy and the rollout KV cache is transformers' DynamicCache as generate.py
-builds it (a prompt prefill, the cache grown to prompt + new tokens, one decode step). --offload calls
+is filled by grpo.refresh_inference_copy and the rollout KV cache is generate.py's slot cache of prompt + new
+tokens (a prompt prefill, then one decode step written in place). --offload calls
 plumbing.distributed.offload/reload as grpo.py does.
 
 Counting: a TorchDispatchMode sees each tensor an op creates and follows its storage until it is freed, or resized
@@ -224,22 +224,27 @@ def sft_steps(args, model, vocab, tracker):
 
 
 def rollout_phase(args, infer, vocab):
-    """Generation's memory high point: a batch of prompts prefilled into generate.py's DynamicCache, the cache
-    grown to prompt + new tokens, and one decode step over it. Returns the cache's bytes."""
-    from transformers import DynamicCache
-    text = infer.config.text_config
+    """Generation's memory high point: generate.py's slot cache for gen_batch rows of prompt + new tokens
+    (preallocated whole), the prompts prefilled into it, and one decode step over the full length, written in
+    place. Returns the cache's bytes."""
+    n, P, T = args.gen_batch, args.prompt_len, args.new_tokens
+    dtype = next(infer.parameters()).dtype
     with torch.no_grad():
-        batch = {"input_ids": tokens(args.gen_batch, args.prompt_len, vocab)}
-        positions, next_pos = text_positions(infer, batch)
-        cache = DynamicCache(config=infer.config)
-        infer(input_ids=batch["input_ids"], position_ids=positions, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-        for layer in cache.layers:  # what the decode loop appends token by token
-            grown = torch.zeros(args.gen_batch, text.num_key_value_heads, args.new_tokens - 1,
-                                text.hidden_size // text.num_attention_heads, dtype=layer.keys.dtype)
-            layer.update(grown, grown.clone())
-        infer(input_ids=tokens(args.gen_batch, 1, vocab), past_key_values=cache, use_cache=True,
-              position_ids=generate.next_positions(next_pos + args.new_tokens - 1, positions))
+        cache = generate.SlotCache(infer.config, n, P + T, dtype, "cpu")
+        slots = generate.Slots(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                               torch.zeros(n, P + T, dtype=dtype))
+        for first in range(0, n, generate.PREFILL_ROWS):  # admitted and prefilled as generate.py does
+            rows = min(generate.PREFILL_ROWS, n - first)
+            batch = {"input_ids": tokens(rows, P, vocab)}
+            positions, next_pos = text_positions(infer, batch)
+            cache.prefill_rows = slice(first, first + rows)
+            infer(input_ids=batch["input_ids"], position_ids=positions, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+            cache.prefill_rows = None
+        slots.length.fill_(P + T - 1)  # the last step: every row at the end of its budget
+        slots.position.fill_(P + T - 1)
+        cache.live, cache.length = n, P + T
+        generate.decode_one_token(infer, tokens(n, 1, vocab)[:, 0], cache, slots, 3)
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
