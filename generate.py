@@ -42,6 +42,7 @@ from plumbing.distributed import setup_distributed
 
 THINK_END = "</think>"
 PREFILL_ROWS = 16  # prompts per prefill forward (ours): bounds its activations, which sit beside the whole KV cache
+ADMIT_AT = 4  # free slots (at most; an eighth of them) worth a prefill forward (ours): one freed slot waits a little
 
 
 @dataclass
@@ -338,7 +339,7 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     results, live, logits, forwards, occupied = [None] * len(encodings), [], None, 0, 0
     bar = tqdm(total=len(encodings), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
     while pending or live:
-        if pending and len(live) < slots_n:  # admit: free slots take the next prompts
+        if pending and slots_n - len(live) >= min(ADMIT_AT, max(1, slots_n // 8), len(pending)):  # admit: free slots
             take = min(slots_n - len(live), PREFILL_ROWS)
             new, pending = pending[:take], pending[take:]
             first, width = prefill(model, tokenizer, [encodings[i] for i in new], cache, slots, len(live))

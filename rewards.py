@@ -60,14 +60,27 @@ def last_boxed(text):
 
 
 ANSWER_PHRASE = re.compile(r"(?:final answer is|the answer is|answer\s*:)\s*(.+)", re.IGNORECASE)
+MATH_MODE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+PROSE_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")  # a word of prose, not a LaTeX command or a variable
+LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-def extract_answer(response, require_tags=False):
+def prose_answer(text):
+    """Untagged, unboxed prose ("The total is $1,234$."): its last math-mode expression, else its last number;
+    a bare expression ("x^2 + 1") is its own answer."""
+    if maths := MATH_MODE.findall(text):
+        return next(g for g in maths[-1] if g)
+    numbers = LAST_NUMBER.findall(text)
+    return numbers[-1] if len(PROSE_WORD.findall(text)) >= 2 and numbers else text
+
+
+def extract_answer(response, require_tags=False, prose=True):
     """The final answer a model gave, or None when there is none (e.g. it never left <think>).
 
     require_tags: only an answer written inside <answer>...</answer> counts (GRPO's reward: the training prompt of
     appendix C asks for the tags, so a response without them has given no answer). Evaluation leaves it off and
-    reads untagged prose too, as the benchmarks' official parsers do."""
+    reads untagged prose too, as the benchmarks' official parsers do. prose: untagged, unboxed text answers with
+    its last math-mode expression or number (prose_answer); off where a benchmark's own parser reads the prose."""
     if not response:
         return None
     if require_tags and not re.search(r"<answer>.*?</answer>", response, re.S):
@@ -89,6 +102,8 @@ def extract_answer(response, require_tags=False):
     if phrases:
         text = phrases[-1].split("\n")[0]
         text = re.sub(r"^(is|:)\s*", "", text.strip()).rstrip(" .")
+    elif start < 0 and prose:  # no tags, no box, no answer phrase
+        text = prose_answer(text)
     return text.strip() or None
 
 
@@ -104,12 +119,17 @@ NUMBER_LIKE = re.compile(r"[-+]?[\d.,/\\{}()a-z]*\d[)}]*")
 
 
 def strip_wrappers(s):
-    s = s.strip()
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
-            s = s[len(left):len(s) - len(right)].strip()
-    boxed = last_boxed(s) if s.startswith(("\\boxed", "\\fbox")) else None
-    return boxed.strip() if boxed is not None else s
+    """Math delimiters, a box and a final period around an answer, however they nest: "$\\boxed{12}$." -> "12".
+    Gold answers get the same treatment as predictions (math_equal normalizes both)."""
+    while True:
+        before, s = s, s.strip().removesuffix(".").strip()
+        for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+            if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+                s = s[len(left):len(s) - len(right)].strip()
+        boxed = last_boxed(s) if s.startswith(("\\boxed", "\\fbox")) else None
+        s = boxed.strip() if boxed is not None else s
+        if s == before:
+            return s
 
 
 def normalize(s):
@@ -571,7 +591,7 @@ def choice_letter(answer, options):
 def choice_reward(response, options, answer, require_tags=False):
     """1.0 if the response's final answer picks the gold letter `answer`, by letter or by the option's text."""
     extracted = extract_answer(response, require_tags)
-    return float(extracted is not None and choice_letter(extracted, options) == str(answer).strip().upper())
+    return float(extracted is not None and choice_letter(extracted, options) == normalize(str(answer)).upper())
 
 
 # ----------------------------------------------------------------------------------------------------

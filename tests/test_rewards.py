@@ -110,6 +110,10 @@ EXTRACT = [
     ("\\fbox{9}", "9"),
     ("<think>a</think><answer></answer>", None),
     ("<think>first</think> mid </think> Final answer: (C)", "(C)"),
+    # untagged, unboxed prose: its last math-mode expression, else its last number; a bare expression stays whole
+    ("The total is $1,234$", "1,234"), ("So we get \\(\\frac{1}{2}\\) in the end.", "\\frac{1}{2}"),
+    ("<think>a</think> It comes to $3$ apples and $\\sqrt{2}$ more", "\\sqrt{2}"),
+    ("The area of the square is 25 square units.", "25"), ("x^2 + 1", "x^2 + 1"),
 ]
 
 
@@ -130,6 +134,26 @@ def test_rl_reward_reads_only_tagged_answers():
     golds, options = ["7", "7", "B", "B"], [None, None, OPTIONS, OPTIONS]
     assert rewards.batch_rewards(responses, golds, options, processes=1, require_tags=True) == [1, 0, 1, 0]
     assert rewards.batch_rewards(responses, golds, options, processes=2) == [1, 1, 1, 1]
+
+
+PROSE_AND_BOXED_GOLDS = [  # (response, gold, reward): the last two public classes, both ways
+    ("The total is $1,234$", "1234", 1), ("The total is $1,234$", "1235", 0), ("The total is 1,234.", "1234", 1),
+    ("After checking 3 cases, the count comes to 7.", "7", 1), ("After checking 3 cases, the count comes to 7.", "3", 0),
+    ("<think>.</think> Thus $x = \\frac{3}{4}$.", "0.75", 1), ("<think>.</think> Thus $x = \\frac{3}{4}$.", "0.7", 0),
+    ("<answer>12</answer>", "$\\boxed{12}$.", 1), ("<answer>13</answer>", "$\\boxed{12}$.", 0),
+    ("<answer>\\frac{1}{2}</answer>", "\\(\\boxed{0.5}\\).", 1), ("The total is $1,234$", "$\\boxed{1234}$.", 1),
+]
+
+
+@pytest.mark.parametrize("response,gold,expected", PROSE_AND_BOXED_GOLDS)
+def test_prose_answers_and_gold_answers_in_their_own_box(response, gold, expected):
+    assert math_reward(response, gold) == expected
+
+
+def test_a_gold_letter_in_its_own_box_is_the_letter():
+    assert choice_reward("<answer>B</answer>", OPTIONS, "\\(\\boxed{\\text{B}}\\).") == 1
+    assert choice_reward("<answer>C</answer>", OPTIONS, "\\(\\boxed{\\text{B}}\\).") == 0
+    assert choice_reward("<answer>No</answer>", OPTIONS, "$\\boxed{B}$") == 1
 
 
 def test_math_reward_end_to_end():

@@ -218,8 +218,8 @@ def test_run_directories_refuse_overwrite_and_resume(tmp_path, capsys):
     assert "resuming with changed settings: --lr 0.001 -> 0.002" in capsys.readouterr().err
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
-    import signal
+def stopped_after_two_steps(tmp_path, sig):
+    """An SFT run sent `sig` once two steps are logged: (exit status, stderr)."""
     import time
     proc = subprocess.Popen([sys.executable, "sft.py", *ARGS, "--micro-batch", "4", "--epochs", "50",
                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -228,9 +228,15 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)  # what a cluster scheduler sends before preempting
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
+    return proc.returncode, err
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    code, err = stopped_after_two_steps(tmp_path, signal.SIGTERM)  # what a cluster scheduler sends before preempting
+    assert code == 0, err[-2000:]
     last = max(tmp_path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     assert f"saved {last}; continue with --resume {last}" in err
     assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(tmp_path))
@@ -544,17 +550,8 @@ def losses_rows(out):
 
 def test_ctrl_c_saves_a_resumable_checkpoint_like_sigterm(tmp_path):
     import signal
-    import time
-    proc = subprocess.Popen([sys.executable, "sft.py", *ARGS, "--micro-batch", "4", "--epochs", "50",
-                             "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    code, err = stopped_after_two_steps(tmp_path, signal.SIGINT)  # Ctrl-C
+    assert code == 0 and "Traceback" not in err, err[-2000:]
     last = max(tmp_path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     assert f"saved {last}; continue with --resume {last}" in err
     assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(tmp_path))
