@@ -28,6 +28,7 @@ copies per step.
 Deliberate simplifications: rollouts and training alternate on the same GPUs (no separate inference engine, no
 tensor parallelism); rollouts run in plain PyTorch, not an optimized serving engine.
 """
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_nor
 from plumbing.runs import refuse_non_finite
 
 # A negative advantage costs at most this many times |A|: dual-clip PPO needs c > 1 (Ye et al. 2020)
-DUAL_CLIP = accepting(float, "0 (off) or a number > 1", lambda v: v == 0 or (v > 1 and v != float("inf")))
+DUAL_CLIP = accepting(float, "0 (off) or a number > 1", lambda v: v == 0 or (v > 1 and math.isfinite(v)))
 # Flags that may differ on --resume: they change nothing the run computes (ours)
 MAY_CHANGE_ON_RESUME = {"max_steps", "micro_batch", "save_every", "keep", "reward_processes", "gen_batch", "offload"}
 

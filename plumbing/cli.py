@@ -56,18 +56,14 @@ def accepting(cast, accepts, ok):
     return parse
 
 
-def finite(x):
-    return math.isfinite(x)
-
-
 def int_at_least(n):
     return accepting(int, f"an integer >= {n}", lambda v: v >= n)
 
 
 POSITIVE_INT = int_at_least(1)
 COUNT = int_at_least(0)
-POSITIVE = accepting(float, "a number > 0", lambda v: finite(v) and v > 0)
-NON_NEGATIVE = accepting(float, "a number >= 0", lambda v: finite(v) and v >= 0)
+POSITIVE = accepting(float, "a number > 0", lambda v: math.isfinite(v) and v > 0)
+NON_NEGATIVE = accepting(float, "a number >= 0", lambda v: math.isfinite(v) and v >= 0)
 PROBABILITY = accepting(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 FRACTION = accepting(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 
