@@ -19,11 +19,13 @@ GRPO's rollouts and every evaluation run through `generate()` below: our own dec
     python generate.py --model PATH --input prompts.jsonl --output out.jsonl --think-budget 3584
 
 Deliberate simplifications: one cache row per slot, as long as the longest prompt plus the budget (no paged
-blocks), attention over the longest live row with a mask, no CUDA graphs or torch.compile; sharding across ranks
-is the caller's business (`shard()` below), so this function always takes a plain, unsharded model.
+blocks), attention over the longest live row with a mask, torch.compile only on request (--compile) and without
+CUDA graphs; sharding across ranks
+is the caller's business (plumbing.distributed.shard), so this function always takes a plain, unsharded model.
 """
 import os
 import sys
+import time
 import weakref
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -38,7 +40,7 @@ import data
 import rewards
 from plumbing import runs
 from plumbing.cli import COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser
-from plumbing.distributed import setup_distributed
+from plumbing.distributed import setup_distributed, shard
 
 THINK_END = "</think>"
 PREFILL_ROWS = 16  # prompts per prefill forward (ours): bounds its activations, which sit beside the whole KV cache
@@ -61,6 +63,16 @@ def encode(processor, conversation):
                          "".join(part.get("text", "") for part in m["content"])} for m in conversation]
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
                                          return_dict=True, return_tensors="pt")
+
+
+def encode_all(processor, conversations, limit):
+    """Step 1 for every chat, and each prompt's length; a prompt that fills the model's context is an error."""
+    encodings = [encode(processor, c) for c in conversations]
+    lengths = [e["input_ids"].shape[1] for e in encodings]
+    for i, n in enumerate(lengths):
+        if n >= limit:
+            raise ValueError(f"prompt {i} has {n} tokens; the model's context is {limit}")
+    return encodings, lengths
 
 
 def collate(encodings, pad_id):
@@ -234,6 +246,15 @@ class Slots:
             layer.values[dst, :, :columns].copy_(layer.values[src, :, :columns])
 
 
+def allocate(model, slots, max_len):
+    """Step 2's memory, once: the slot cache and the per-slot state, on the model's device and in its dtype."""
+    p = next(model.parameters())
+    cache = SlotCache(model.config, slots, max_len, p.dtype, p.device)
+    state = Slots(*(torch.zeros(slots, dtype=torch.long, device=p.device) for _ in range(2)),
+                  torch.zeros(slots, max_len, dtype=p.dtype, device=p.device))
+    return cache, state
+
+
 def prefill(model, tokenizer, encodings, cache, slots, first):
     """Step 3 for newly admitted prompts: one forward over them, left-padded, with M-RoPE positions we compute, their
     keys and values written into slots [first, first + n). Returns their next-token logits (n, vocab) and P."""
@@ -255,7 +276,8 @@ def prefill(model, tokenizer, encodings, cache, slots, first):
 
 
 def decode_one_token(model, tokens, cache, slots, rope):
-    """Step 4: one forward of one token per live row, each at its own column and rotary position."""
+    """Step 4: one forward of one token per live row, each at its own column and rotary position. `model` may be
+    its compiled forward (compiled())."""
     live = cache.live
     cache.rows, cache.where = torch.arange(live, device=tokens.device), slots.length[:live]
     slots.mask[cache.rows, cache.where] = 0.0                         # each row now also sees the token it writes
@@ -265,6 +287,22 @@ def decode_one_token(model, tokens, cache, slots, rope):
     slots.length[:live] += 1
     slots.position[:live] += 1
     return logits
+
+
+def compiled(model):
+    """--compile: the decode forward, compiled once per model with dynamic shapes (live rows and attention length
+    change without a recompile). No CUDA graphs (a simplification): one per (live rows, length) pair.
+    The first call, mostly compiling, is timed into `model.compile_s`."""
+    if getattr(model, "_compiled_forward", None) is None:
+        forward = torch.compile(model.forward, dynamic=True)
+
+        def timed_forward(**inputs):
+            started = time.perf_counter()
+            out = forward(**inputs)
+            model.compile_s = getattr(model, "compile_s", None) or time.perf_counter() - started
+            return out
+        model._compiled_forward = timed_forward
+    return model._compiled_forward
 
 
 def step_row(row, t, tokenizer, **rules):
@@ -296,25 +334,28 @@ def compact(cache, slots, rows, done, tokens):
 
 
 def stop_tokens(model, tokenizer):
-    """The ids that end a row (the model's EOS ids and <|im_end|>), and per id whether it can complete "</think>"
-    (only a token containing ">" can: a row's tail is decoded only after one of those)."""
+    """The ids that end a row (the model's EOS ids and <|im_end|>), and per token id whether it can complete
+    "</think>" (only a token containing ">" can: a row's tail is decoded only after one of those). The second list
+    covers the tokenizer's ids only: a model's embedding may have more rows (Qwen2.5-VL: 152,064 for 151,665 tokens)
+    and generate() never samples those 399 (ours; HF and vLLM do not mask them): a row without a token decodes to
+    nothing, so the reward would read a text that is not the tokens trained on. A trained model gives them ~0."""
     eos = model.generation_config.eos_token_id
     stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
     stop_ids.discard(None)
     if getattr(tokenizer, "_may_close", None) is None:
         tokenizer._may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
-    vocab = model.config.get_text_config().vocab_size
-    return stop_ids, tokenizer._may_close + [False] * (vocab - len(tokenizer._may_close))
+    return stop_ids, tokenizer._may_close
 
 
 @torch.no_grad()
 def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
-             think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False, stats=None):
+             think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False, stats=None,
+             compile=False):
     """Complete each chat; returns one Completion per conversation, in input order. `batch_size` slots are
     decoded together and a slot is refilled as soon as its row ends (continuous batching); every row keeps its
     own budget, forced exit and seeded generator, so its output does not depend on the slots or the rows beside
     it. `max_new_tokens` and `seed`: one for all (row i's seed derived from it and i) or one per conversation.
-    `stats`, a dict, receives decode_forwards and occupancy (live rows per decode forward, over slots)."""
+    `stats`, a dict, gets decode_forwards, occupancy (live rows per forward / slots) and with `compile` compile_s."""
     n = len(conversations)
     budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
     if not conversations or max(budgets) <= 0:
@@ -322,19 +363,13 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     tokenizer = data.tokenizer_of(processor)
     stop_ids, may_close = stop_tokens(model, tokenizer)
     limit = model.config.get_text_config().max_position_embeddings
-    encodings = [encode(processor, c) for c in conversations]
-    lengths = [e["input_ids"].shape[1] for e in encodings]
-    for i, n in enumerate(lengths):
-        if n >= limit:
-            raise ValueError(f"prompt {i} has {n} tokens; the model's context is {limit}")
+    encodings, lengths = encode_all(processor, conversations, limit)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else \
         [row_seed(torch.randint(0, 2**31 - 1, ()).item() if seed is None else seed, i) for i in range(len(encodings))]
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    slots_n = min(batch_size, len(encodings))
-    cache = SlotCache(model.config, slots_n, min(limit, max(lengths) + max(budgets)), dtype, device)
-    slots = Slots(*(torch.zeros(slots_n, dtype=torch.long, device=device) for _ in range(2)),
-                  torch.zeros(slots_n, cache.layers[0].keys.shape[2], dtype=dtype, device=device))
+    device, slots_n = next(model.parameters()).device, min(batch_size, len(encodings))
+    cache, slots = allocate(model, slots_n, min(limit, max(lengths) + max(budgets)))
     rope = 3 if hasattr(model.model, "get_rope_index") else 2
+    forward = compiled(model) if compile else model
     pending = sorted(range(len(encodings)), key=lambda i: lengths[i])  # similar lengths prefill together
     results, live, logits, forwards, occupied = [None] * len(encodings), [], None, 0, 0
     bar = tqdm(total=len(encodings), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
@@ -346,7 +381,8 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
             live += [Row(torch.Generator(device=device).manual_seed(seeds[i]), think_budget is not None, index=i,
                          budget=min(budgets[i], limit - lengths[i]), columns=width) for i in new]
             logits = first if logits is None else torch.cat([logits, first])
-        tokens = sample(logits, temperature, top_p, [row.generator for row in live]).tolist()  # one host sync
+        real = logits[:, :len(may_close)]  # the ids that have a token (stop_tokens)
+        tokens = sample(real, temperature, top_p, [row.generator for row in live]).tolist()  # one host sync
         done = [not step_row(row, t, tokenizer, think_budget=think_budget, answer_budget=answer_budget,
                              stop_ids=stop_ids, may_close=may_close) for row, t in zip(live, tokens)]
         tokens = [row.tokens[-1] for row in live]  # a forced exit wrote over what was sampled
@@ -360,13 +396,14 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
             logits = None
             continue
         cache.live, cache.length = len(live), max(row.columns for row in live) + 1  # attention sees [0, length)
-        logits = decode_one_token(model, torch.tensor(tokens, device=device), cache, slots, rope)
+        logits = decode_one_token(forward, torch.tensor(tokens, device=device), cache, slots, rope)
         forwards, occupied = forwards + 1, occupied + len(live)
         for row in live:
             row.columns += 1
     bar.close()
     if stats is not None:
         stats.update(decode_forwards=forwards, occupancy=occupied / max(forwards * slots_n, 1))
+        stats.update({"compile_s": model.compile_s} if compile else {})
     return results
 
 
@@ -374,19 +411,6 @@ def row_seed(base, key):
     """The seed of one row's sampling stream, from the run's seed and the row's own key (its index, or a hash of
     (question, sample)): a row samples the same tokens whatever batch, rank or order it lands in."""
     return base * 1_000_003 + key
-
-
-def shard(items, rank, world):
-    """This rank's share of a list (every world-th item), so gathering interleaves back into order."""
-    return items[rank::world]
-
-
-def unshard(gathered):
-    """Inverse of shard(): lists from each rank (e.g. from all_gather_object) back in the original order."""
-    out = []
-    for i in range(max(len(g) for g in gathered)):
-        out.extend(g[i] for g in gathered if i < len(g))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -442,6 +466,8 @@ def parse_args(argv=None):
     ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
     ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
     ap.add_argument("--seed", type=COUNT, default=0, help="sampling seed (ours)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (same tokens; compiling "
+                    "takes seconds to a minute, worth it for long runs)")
     args = ap.parse_args(argv)
     if args.distil and not args.output:
         ap.error("--distil needs --output")
@@ -471,7 +497,8 @@ def main(argv=None):
     model = data.load_model(args.model, dtype=dtype, device=device, progress=True).eval()
     processor = data.load_processor(args.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size)
+                    think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size,
+                    compile=args.compile)
     if args.distil:
         return distil_main(args, model, processor, sampling)
     print(f"template: {args.template}" + {"train": " (appendix C's training prompt: what SFT and GRPO saw)",
@@ -480,10 +507,13 @@ def main(argv=None):
     try:
         conversations = [[data.user_message(data.eval_prompt(r["prompt"], None, args.template),
                                             [data.load_image(p) for p in r["images"]])] for r in rows]
+        stats = {}
         completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
-                               **sampling)
+                               stats=stats, **sampling)
     except (ValueError, OSError) as e:  # a missing image, a prompt longer than the context
         raise DataError(str(e)) from e
+    if args.compile:
+        print(f"compile: {stats['compile_s']:.1f} s (the first decode step)", file=sys.stderr)
     if args.output:
         data.write_jsonl(args.output, [{**r, **asdict(c)} for r, c in zip(rows, completions)])
     else:

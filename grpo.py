@@ -44,7 +44,7 @@ from plumbing import runs
 from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, accepting, cli,
                            cli_parser, int_at_least, toy_preset)
 from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_norm, finish, full_tensor, optimizer_state,
-                                  parked, setup_distributed)
+                                  parked, setup_distributed, shard)
 from plumbing.runs import refuse_non_finite
 
 # A negative advantage costs at most this many times |A|: dual-clip PPO needs c > 1 (Ye et al. 2020)
@@ -388,7 +388,7 @@ def main(argv=None):
             order = list(range(len(prompts)))
             random.Random(args.seed * 1000 + epoch).shuffle(order)
             first = index * args.prompts_per_step
-            mine = generate.shard(order[first:first + args.prompts_per_step], rank, world)
+            mine = shard(order[first:first + args.prompts_per_step], rank, world)
             lr = lr_at(step, args, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr

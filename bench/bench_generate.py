@@ -13,6 +13,8 @@ Rows (greedy, random weights, no stop token reached unless per-row caps say so):
                       slot, as 1,024 rollouts on 64 slots): wall-time
                       speed-up, decode forwards ours / reference, and our occupancy (live rows per forward / slots)
     hf_tiny_b16       ours / model.generate on the tiny row
+    compile_tiny_b1   the tiny model, 1 prompt, 128 new tokens: ours eager / ours with --compile (compile_s: its
+                      compile time)
 """
 import argparse
 import json
@@ -188,13 +190,30 @@ def main(argv=None):
     caps = [min(256, max(1, round(rng.lognormvariate(0, 0.9) * 48))) for _ in range(512)]  # median 48, long tail
     best, s = compare(tiny, processor, prompts(len(caps)), caps, 32, max(1, args.repeats - 1))
     out.update(longtail_speedup=best["ref"] / best["ours"], longtail_forwards_ratio=s["forwards"] / s["ref_forwards"],
-               longtail_occupancy=s["occupancy"], longtail_ref_occupancy=s["ref_occupancy"], compile_tiny_b1=None)
+               longtail_occupancy=s["occupancy"], longtail_ref_occupancy=s["ref_occupancy"])
     print(f"      longtail: {sum(caps)} tokens in {len(caps)} rows, 32 slots: speed-up {out['longtail_speedup']:.2f}x, decode "
           f"forwards {s['forwards']} vs {s['ref_forwards']} ({out['longtail_forwards_ratio']:.2f}), occupancy "
           f"{s['occupancy']:.2f} vs {s['ref_occupancy']:.2f}")
+    out.update(compiled(tiny, processor, args.repeats))
     if args.json:
         print(json.dumps(out))
     return out
+
+
+def compiled(model, processor, repeats, new=128):
+    """--compile at batch 1: ours eager against ours with the decode step compiled, interleaved, after compiling."""
+    convs, stats, best = prompts(1), {}, {True: 1e9, False: 1e9}
+    run = lambda compile: G.generate(model, processor, convs, max_new_tokens=new, batch_size=1, stats=stats,  # noqa
+                                     compile=compile)
+    eos, model.generation_config.eos_token_id = model.generation_config.eos_token_id, None
+    same = run(True)[0].token_ids == run(False)[0].token_ids  # the first compiled call compiles
+    for _ in range(repeats + 2):  # a batch-1 forward is short: a few more runs steady the best
+        for compile in (False, True):
+            best[compile] = min(best[compile], timed(lambda: run(compile), lambda: None)[0])
+    model.generation_config.eos_token_id = eos
+    print(f"  compile_tiny_b1: eager {new / best[False]:8.1f} tok/s, compiled {new / best[True]:8.1f}, speed-up "
+          f"{best[False] / best[True]:.2f}x, compile {model.compile_s:.1f} s, same tokens: {same}")
+    return {"compile_tiny_b1": best[False] / best[True], "compile_s": model.compile_s, "compile_same_tokens": same}
 
 
 def gpu(processor):

@@ -23,6 +23,11 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shard(items, rank, world):
+    """This rank's share of a list: every world-th item, starting at its rank (each item on exactly one rank)."""
+    return items[rank::world]
+
+
 def finish():
     """The end of a run under torchrun. A world of one started in this process stays up: what the run returns
     (an FSDP model) still computes, and the next run in the same process reuses the group."""

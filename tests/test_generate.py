@@ -5,6 +5,7 @@ from PIL import Image
 
 import data
 import generate as G
+from plumbing.distributed import shard
 
 
 def chats(processor):
@@ -138,9 +139,9 @@ def test_edge_cases(model, processor):
         G.generate(model, processor, [too_long], max_new_tokens=4)
 
 
-def test_shard_unshard_round_trip():
-    items = list(range(11))
-    assert G.unshard([G.shard(items, r, 3) for r in range(3)]) == items
+def test_each_item_lands_on_exactly_one_rank():
+    parts = [shard(list(range(11)), r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
 
 
 def test_cli_prompt(tiny_path, tmp_path):
@@ -281,3 +282,17 @@ def test_the_slot_cache_is_never_reallocated(model, processor, monkeypatch):
                stats=stats)
     assert len(seen) == stats["decode_forwards"] > 10 and all(s == seen[0] for s in seen)
     assert 0 < stats["occupancy"] <= 1
+
+
+def test_compiled_decode_gives_the_same_rows(model, processor):
+    """--compile: the decode step through torch.compile (dynamic shapes: slots fill and empty, the attention length
+    grows) writes the same tokens, flags and finish reasons as eager, images and forced exits included."""
+    convs = slot_case(processor)
+    budgets, seeds = [6 + 3 * (i % 4) for i in range(len(convs))], [G.row_seed(0, i) for i in range(len(convs))]
+    sampling = dict(temperature=1.0, top_p=0.9, think_budget=5, answer_budget=3, max_new_tokens=budgets, seed=seeds)
+    eager = G.generate(model, processor, convs, batch_size=3, **sampling)
+    stats = {}
+    fast = G.generate(model, processor, convs, batch_size=3, compile=True, stats=stats, **sampling)
+    key = lambda c: (c.token_ids, c.sampled, c.finish_reason)  # noqa: E731
+    assert [key(c) for c in fast] == [key(c) for c in eager]
+    assert stats["compile_s"] > 0 and stats["decode_forwards"] > 0

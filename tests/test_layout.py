@@ -109,11 +109,11 @@ def code_lines(path):
 def test_stage_files_and_functions_stay_readable():
     """Each stage file at most 500 non-blank, non-comment lines (rewards.py, a LaTeX translator, 650), plumbing/ at
     most 700; no function longer than 60 lines outside bench/. All six stage files: the split into plumbing/ took
-    them from 2,943 to 2,487 under a goal of 2,500; the flag checks and the slot-cache engine since added ~130,
-    and 2,650 keeps them from growing on unnoticed."""
+    them from 2,943 to 2,487 under a goal of 2,500; the flag checks, the slot-cache engine and --compile since added
+    ~170, and 2,670 keeps them from growing on unnoticed."""
     sizes = {f: code_lines(ROOT / f) for f in STAGES}
     assert all(n <= (650 if f == "rewards.py" else 500) for f, n in sizes.items()), sizes
-    assert sum(sizes.values()) <= 2650, sizes
+    assert sum(sizes.values()) <= 2670, sizes
     assert sum(code_lines(p) for p in (ROOT / "plumbing").glob("*.py")) <= 700
     long = []
     for name, path in modules().items():
