@@ -23,9 +23,7 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
@@ -289,7 +287,6 @@ def sft_example(question, answer, processor, max_len, images=(), template=TRAIN_
     """Tokenize one conversation with the model's chat template; labels = -100 except the assistant's reply.
 
     The labeled span is the assistant text plus its closing <|im_end|>, so the model learns to stop.
-    Labels come from character offsets of the full rendering, so tokens are exactly those the model sees.
     `images` (paths, relative to `root`) go where the question says <image k>; the example records them.
     """
     pictures = [load_image(p, root) for p in images]
@@ -299,19 +296,17 @@ def sft_example(question, answer, processor, max_len, images=(), template=TRAIN_
     prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(
         [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
-    if not full.startswith(prompt):
+    if not full.startswith(prompt + answer + IM_END):
         raise ValueError("chat template does not render as prompt + answer + <|im_end|>")
     if pictures:
         grid = processor.image_processor(images=pictures, return_tensors="pt")["image_grid_thw"]
-        counts = (grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist()
-        prompt, full = expand_image_pads(prompt, counts), expand_image_pads(full, counts)
-    start, end = len(prompt), len(prompt) + len(answer) + len(IM_END)
-    if full[start:end] != answer + IM_END:
-        raise ValueError("chat template does not render as prompt + answer + <|im_end|>")
-    # Drop what the template puts after <|im_end|> (a newline): no label, so no reason to compute it.
-    enc = processor.tokenizer(full[:end], add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [t if start <= a and b <= end else -100 for t, (a, b) in zip(ids, enc["offset_mapping"])]
+        prompt = expand_image_pads(prompt, (grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist())
+    # Prompt and reply tokenized apart, as generation sees them (the prompt encoded alone, then the reply's tokens):
+    # in one string Qwen's BPE would merge a reply's leading newlines into the prompt's last "\n".
+    # What the template puts after <|im_end|> (a newline) is dropped: no label, so no reason to compute it.
+    prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = processor.tokenizer(answer + IM_END, add_special_tokens=False)["input_ids"]
+    ids, labels = prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
     truncated = len(ids) > max_len
     ids, labels = ids[:max_len], labels[:max_len]
     if all(l == -100 for l in labels):
@@ -325,7 +320,7 @@ def sft_row(row, processor, max_len, root):
     return sft_example(*parse_sft_row(row), processor, max_len, row.get("images") or [], sft_template(row), root)
 
 
-SFT_CACHE_VERSION = 1  # bump when sft_example's output changes
+SFT_CACHE_VERSION = 2  # bump when sft_example's output changes
 
 
 def source_identity(source):
@@ -508,7 +503,8 @@ def load_benchmark(bench, spec, source=None, image_root=None, images=True, exclu
 # ----------------------------------------------------------------------------------------------------
 # Models: from_pretrained for everything; `tiny` is built locally once (toy/tiny.py), then read back the same way
 
-TINY = ("tiny", "tiny-text")  # names of the locally built models
+TINY = ("tiny", "tiny-text", "tiny-qwen")  # names of the locally built models
+QWEN_FILES = TOY_DIR.parent.parent / "shared" / "qwen2-tokenizer"  # Qwen2's vocab.json and merges.txt (tiny-qwen)
 
 
 def tiny_corpus():
@@ -521,25 +517,14 @@ def check_model(name):
     """Before anything loads: a --model that cannot load fails in one line; `tiny` is built on first use."""
     if name not in TINY:
         check_model_dir(name)
+    elif name == "tiny-qwen" and not all((QWEN_FILES / f).is_file() for f in ("vocab.json", "merges.txt")):
+        raise DataError(f"tiny-qwen needs Qwen2's vocab.json and merges.txt in {QWEN_FILES}")
 
 
 def resolve_model(name):
-    """A path or hub id for from_pretrained; `tiny`/`tiny-text` are built on first use (atomically: ranks race)."""
-    if name not in TINY:
-        check_model_dir(name)
-        return name
-    # The tokenizer is trained on the toy data and templates: a change to them is a new checkpoint.
-    version = tiny.VERSION + ("-text" if name == "tiny-text" else "")
-    path = CACHE / f"{version}-{hashlib.sha1(repr(tiny.corpus(tiny_corpus())).encode()).hexdigest()[:8]}"
-    if not (path / "config.json").exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=CACHE, prefix=".tiny-")
-        (tiny.build if name == "tiny" else tiny.build_text)(tmp, tiny_corpus())
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    """A path or hub id for from_pretrained; the tiny models are built on first use (toy/tiny.py)."""
+    check_model(name)
+    return tiny.ensure(name, CACHE, tiny_corpus(), QWEN_FILES) if name in TINY else name
 
 
 def load_processor(name):
