@@ -83,6 +83,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clip", type=NON_NEGATIVE, default=1.0, help="gradient-norm clip (B.2: 1.0)")
     ap.add_argument("--epochs", type=POSITIVE_INT, default=3, help="passes over the prompts (B.2: 3)")
     ap.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="stop after this many steps (smoke runs)")
+    ap.add_argument("--freeze-layers", type=COUNT, default=0, help="freeze the lowest N decoder layers (ours: 0; "
+                    "toy/miniature.py --study)")
     ap.add_argument("--seed", type=COUNT, default=0, help="prompt order and rollout seeds (ours)")
     # systems (ours)
     ap.add_argument("--micro-batch", type=POSITIVE_INT, default=4, help="sequences per training forward (ours)")
@@ -430,6 +432,7 @@ def setup(args, rank, world, device):
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     # fp32 master weights, sharded, with activation checkpointing on GPU (4,096-token responses)
     policy = sft.load_sharded(args.model, device, checkpointing=device.type == "cuda")
+    sft.freeze_lowest(policy, args.freeze_layers)
     reference = None
     if args.beta:  # frozen, so its shards need no fp32 master copy
         reference = sft.load_sharded(args.model, device, dtype=compute).eval().requires_grad_(False)

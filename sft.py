@@ -73,6 +73,8 @@ def parse_args(argv=None):
                     "head): with --train-vision only the vision tower learns, Qwen2-VL's first stage (ours)")
     ap.add_argument("--freeze-embeddings", action="store_true", help="freeze the input token embeddings "
                     "(ours: off; toy/miniature.py's small model keeps its images readable with it)")
+    ap.add_argument("--freeze-layers", type=COUNT, default=0, help="freeze the lowest N decoder layers (ours: 0; "
+                    "toy/miniature.py --study)")
     ap.add_argument("--save-every", type=COUNT, default=0, help="save every N steps; 0: at each epoch's end (ours)")
     ap.add_argument("--keep", type=COUNT, default=2, help="step/epoch checkpoints kept beside final; 0: all (ours)")
     return runs.parse(ap, argv)
@@ -274,10 +276,19 @@ def setup(args, rank, world, device):
         model.lm_head.requires_grad_(False)
     if args.freeze_embeddings:  # the vectors the vision tower learnt to imitate stay where they were
         model.get_input_embeddings().requires_grad_(False)
+    freeze_lowest(model, args.freeze_layers)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     return model, optimizer, trainable, processor, examples
+
+
+def freeze_lowest(model, n):
+    """--freeze-layers: the lowest `n` decoder layers keep the weights they start with (grpo.py uses it too)."""
+    layers = model.model.language_model.layers
+    if n > len(layers):
+        raise DataError(f"--freeze-layers {n}: the model has {len(layers)} decoder layers")
+    layers[:n].requires_grad_(False)
 
 
 # ====================================================================================================

@@ -16,10 +16,11 @@ def nice_ticks(lo, hi, n=5):
     return [first + k * step for k in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
 
 
-def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False):
+def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False, dots=()):
     """One chart at (x0, y0): axes with ticks and labels, then `series` [(label, ys)] as lines, or as grouped
-    bars over categorical xs. Each line/bar carries its raw values in data- attributes."""
-    values = [v for _, ys in series for v in ys if v is not None and math.isfinite(v)] or [0.0]
+    bars over categorical xs, and `dots` [(series index, x, y)] as points in that series' colour (the runs a line
+    averages). Each line/bar/dot carries its raw values in data- attributes."""
+    values = [v for _, ys in series for v in ys if v is not None and math.isfinite(v)] + [d[2] for d in dots] or [0.0]
     top = max(values)
     yt = nice_ticks(0.0, top if top > 0 else 1.0) if bars else nice_ticks(min(values), top)  # bars rise from 0
     xt = list(range(len(xs) + 1)) if bars else nice_ticks(min(xs), max(xs), 4)  # bars: category i spans [i, i+1]
@@ -49,11 +50,14 @@ def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False):
         if len(series) > 1:  # the legend: one line per series, right of the title row, out of the plot
             out.append(f'<text x="{x0 + w - 12}" y="{y0 + 8 + 8 * k}" text-anchor="end" font-size="8" '
                        f'fill="{color}">{escape(label)}</text>')
+    for k, x, y in dots:  # nudged sideways by series, so equal values stay visible
+        out.append(f'<circle cx="{px(x) + 4 * (k - 1):.1f}" cy="{py(y):.1f}" r="2.5" fill="{COLORS[k % len(COLORS)]}" '
+                   f'fill-opacity="0.6" data-label="{series[k][0]}" data-x="{x!r}" data-y="{y!r}"/>')
     return out
 
 
 def svg_page(panels, title, w, h, cols):
-    """A page of panels, `cols` to a row, each panel (title, xs, series, xlabel, bars) for svg_panel."""
+    """A page of panels, `cols` to a row, each panel (title, xs, series, xlabel, bars[, dots]) for svg_panel."""
     rows = math.ceil(len(panels) / cols)
     body = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * cols}" height="{h * rows + 30}" '
             f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',

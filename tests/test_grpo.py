@@ -206,9 +206,13 @@ def test_two_ranks_match_one_process(sft_tiny, tmp_path):
 def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
     path, _ = sft_tiny
     r = run(["--model", path, "--data", "toy", "--prompts-per-step", "4", "--group-size", "2", "--max-new-tokens",
-             "16", "--max-steps", "2", "--think-budget", "8", "--answer-budget", "4", "--out", str(tmp_path)], 1)
+             "16", "--max-steps", "2", "--think-budget", "8", "--answer-budget", "4", "--freeze-layers", "1",
+             "--out", str(tmp_path)], 1)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    before, after = data.load_model(path).state_dict(), data.load_model(str(tmp_path / "final")).state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}  # --freeze-layers 1: layer 0 stays as loaded
+    assert moved and not any(".layers.0." in k for k in moved) and any(".layers.1." in k for k in moved)
     keys = {"reward", "flat_groups", "response_len", "response_len_max", "truncated", "forced_exit", "kl",
             "ppo_clipped", "entropy", "grad_norm", "lr", "loss", "sec_generate", "sec_reward", "sec_logprob",
             "sec_update"}

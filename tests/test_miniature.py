@@ -2,7 +2,9 @@
 --quick mode (the pipeline and the table's form, not the scientific outcome: that is the README's 3-seed table)."""
 import json
 import re
+import xml.etree.ElementTree as ET
 
+import pytest
 import torch
 
 import data
@@ -113,7 +115,47 @@ def test_the_data_keeps_images_out_of_post_training_and_twins_in_evaluation(tmp_
     assert not held_out & trained and len(held_out) == 2 * args.eval_items
 
 
-def test_quick_runs_every_stage_and_writes_the_table(tmp_path):
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """--quick --study on seed 0: levels 0 and 1 of the quick model's 2 decoder layers (the chart's seeds and means:
+    test_study_chart_by_hand)."""
+    out = tmp_path_factory.mktemp("study")
+    return out, miniature.main(["--out", str(out), "--quick", "--study", "--seeds", "0"])
+
+
+def test_study_shares_the_base_and_freezes_each_level(study):
+    out, results = study
+    assert set(results) == {0} and set(results[0]) == {0, 1}
+    for level, where in ((0, out / "seed0"), (1, out / "seed0" / "freeze1")):
+        for stage in ("sft", "grpo", "control"):
+            run = json.loads((where / stage / "args.json").read_text())["args"]
+            assert run["freeze_layers"] == level and run["model"].startswith(str(out / "seed0"))
+    assert not (out / "seed0" / "freeze1" / "base").exists()  # one base per seed
+    base, frozen = (data.load_model(str(out / "seed0" / p / "final")).state_dict() for p in ("base", "freeze1/sft"))
+    assert all(torch.equal(base[k], frozen[k]) for k in base if ".layers.0." in k)
+    assert any(not torch.equal(base[k], frozen[k]) for k in base if ".layers.1." in k)
+    text = (out / "results.md").read_text()
+    assert "| 0 | " in text and "| 1 | " in text and "min on this machine" in text
+    assert len(list(ET.parse(str(out / "results.svg")).getroot().iter("{http://www.w3.org/2000/svg}circle"))) == 10
+
+
+def test_study_chart_by_hand():
+    """Three seeds at two levels, made up: one dot per seed, model and level; each line is the seeds' mean."""
+    def scores(acc, read):
+        return {"test": {"image": {"accuracy": acc, "read": read}}}
+    results = {seed: {level: {"sft": scores(10 * seed + level, 50), "grpo": scores(20 + seed, 60 + level),
+                              "control": scores(1.0, 0)} for level in (0, 2)} for seed in (0, 1, 2)}
+    svg = ET.fromstring(miniature.study_chart(results, [0, 2]))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(list(svg.iter(ns + "circle"))) == 3 * 2 * (3 + 2)  # seeds x levels x (3 accuracy + 2 restated)
+    lines = [(p.get("data-label"), p.get("data-y")) for p in svg.iter(ns + "polyline")]
+    assert lines == [("stage 1 (text SFT)", "10.0,12.0"), ("+ GRPO (text)", "21.0,21.0"),
+                     ("control (direct answers)", "1.0,1.0"), ("stage 1 (text SFT)", "50.0,50.0"),
+                     ("+ GRPO (text)", "60.0,62.0")]
+
+
+def test_quick_runs_every_stage_and_writes_the_table(study):
+    tmp_path, _ = study  # seed 0's stages, reused: the single run is level 0 of the study
     results = miniature.main(["--out", str(tmp_path), "--quick"])
     seed = tmp_path / "seed0"
     config = json.loads((seed / "init" / "config.json").read_text())["text_config"]

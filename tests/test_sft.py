@@ -491,18 +491,20 @@ def test_freeze_text_trains_the_vision_tower_alone(tmp_path):
     assert max((after[k] - before[k]).abs().max().item() for k in after if ".visual." in k) > 1e-4
 
 
-def test_freeze_embeddings_keeps_the_input_embeddings_on_two_ranks(tmp_path):
-    """--freeze-embeddings under FSDP (2 ranks, gloo): the input embedding table is bit-for-bit the one loaded, while
-    the decoder and the LM head, sharded in the same root group, still learn."""
-    r = run([*ARGS, "--micro-batch", "4", "--max-steps", "3", "--freeze-embeddings", "--out", str(tmp_path / "out")],
-            nproc=2)
+def test_freeze_embeddings_and_layers_keep_their_weights_on_two_ranks(tmp_path):
+    """--freeze-embeddings --freeze-layers 1 under FSDP (2 ranks, gloo): the input embedding table and decoder layer 0
+    are bit-for-bit the ones loaded, while layer 1 and the LM head, sharded in the same groups, still learn; a
+    --freeze-layers beyond the model's 2 layers is refused in one line before anything is written."""
+    r = run([*ARGS, "--micro-batch", "4", "--max-steps", "3", "--freeze-embeddings", "--freeze-layers", "1",
+             "--out", str(tmp_path / "out")], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     after, before = weights(tmp_path / "out" / "final"), weights(data.resolve_model("tiny"))
-    frozen = [k for k in after if k.endswith("embed_tokens.weight")]
-    assert len(frozen) == 1 and torch.equal(after[frozen[0]], before[frozen[0]])
-    for moved in ("lm_head.weight", "layers.0.self_attn.q_proj.weight"):
-        key = next(k for k in after if k.endswith(moved))
-        assert (after[key] - before[key]).abs().max().item() > 1e-4, key
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert not any(k.endswith("embed_tokens.weight") or ".layers.0." in k for k in moved)
+    assert {"lm_head.weight", "layers.1.self_attn.q_proj.weight"} <= {k.split("language_model.")[-1] for k in moved}
+    with pytest.raises(data.DataError, match="--freeze-layers 3: the model has 2 decoder layers"):
+        sft.main([*ARGS, "--micro-batch", "8", "--freeze-layers", "3", "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
 
 
 def test_an_image_rows_labels_cover_the_reply_and_its_image_tokens_match_the_processor(tmp_path, processor):

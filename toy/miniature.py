@@ -22,6 +22,16 @@ the validation split; the README's table is the test split (README, "The transfe
     python toy/miniature.py --out runs/miniature                 # one seed, ~26 minutes on 2 CPU cores
     python toy/miniature.py --out runs/miniature --seeds 0,1,2   # the README's table: three seeds, mean (range)
     python toy/miniature.py --out runs/mini --quick              # the pipeline end to end, 19 s on 2 CPU cores
+    python toy/miniature.py --out runs/study --study             # the study below: 3 seeds x 3 levels
+
+The study (--study) varies one thing: how many of the lowest decoder layers stay frozen in the three text-only
+post-training runs (stage 1, GRPO, the control): 0 (the single run's setting), 1 and 2 of 4, three seeds each, one
+base per seed shared by every level. Why this variable: in the 3-seed run the image answers took up the worked
+thought (99%) but its first line stopped restating the drawn sum after stage 1 (0-87% by seed against the base's
+99.7%), so text-only training rewrote what the decoder does with image tokens; freezing its lowest layers is the
+paper's frozen vision tower carried one step further in, and it leaves the base alone, so every level shares it.
+The variable and its levels were fixed from that earlier run's diagnostics, before any study run on either split.
+results.svg: image accuracy and the restated share against the level, each seed a dot, the mean a line.
 
 Deliberate simplifications: one task (addition), one font, a model of a few million parameters trained for
 minutes; settings a 7B model does not need, each one measured (README): M-RoPE's rotary frequencies all on the
@@ -48,6 +58,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import grpo  # noqa: E402
 import sft  # noqa: E402
+from plumbing.charts import svg_page  # noqa: E402
 from toy import tiny  # noqa: E402
 
 BATCH = 32  # sequences per optimizer step in every SFT part (ours)
@@ -60,6 +71,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/miniature", help="data, checkpoints, evaluations, results.md")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean (min-max)")
     ap.add_argument("--quick", action="store_true", help="a small model and budgets: the pipeline, not the result")
+    ap.add_argument("--study", action="store_true", help="post-train at every --levels of frozen decoder layers "
+                    "(seeds 0,1,2 unless --seeds): results.md and results.svg, image accuracy against the level")
+    ap.add_argument("--levels", default="0,1,2", help="--study: the lowest decoder layers frozen in stage 1, GRPO and "
+                    "the control (ours; 0 is the single-run default)")
     # the task (ours): a + b with `digits`-digit operands, the expression drawn one character per 28-pixel cell
     ap.add_argument("--digits", type=int, default=4, help="digits per operand (ours)")
     ap.add_argument("--eval-items", type=int, default=100, help="held-out sums per split, validation and test")
@@ -88,7 +103,16 @@ def parse_args(argv=None):
         args.lm_steps = args.align_steps = args.joint_steps = args.sft_steps = 3
         args.base_problems, args.sft_problems = 64, 64
         args.grpo_steps = 2
+    if args.study and "--seeds" not in (argv if argv is not None else sys.argv):
+        args.seeds = "0,1,2"
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.levels = [int(k) for k in args.levels.split(",")]
+    if args.quick and args.study and "--levels" not in (argv if argv is not None else sys.argv):
+        args.levels = [0, 1]  # the quick model has 2 layers
+    if not args.study:
+        args.levels = [0]
+    if any(not 0 <= k < args.layers for k in args.levels):
+        ap.error(f"--levels: each level must be from 0 to {args.layers - 1} (frozen layers of {args.layers})")
     return args
 
 
@@ -281,9 +305,8 @@ def reading(line, gold):
     return (line == gold, len(said) == 2 and said[0] == want[0], len(said) == 2 and said[1] == want[1])
 
 
-def one_seed(args, seed):
-    out = Path(args.out) / f"seed{seed}"
-    files = write_data(out / "data", args, seed)
+def base_model(args, seed, out, files):
+    """Step 0: the base, in three sft.py parts from a random init; each part reused if its final checkpoint exists."""
     init = out / "init"
     if not (init / "config.json").exists():
         head = args.hidden // 32
@@ -299,21 +322,39 @@ def one_seed(args, seed):
                sft_stage(init, files["language"], args.lm_steps, args.lr, seed))
     eyes = stage("base b: vision alignment, the language model frozen", out / "align",
                  sft_stage(lm, files["align"], args.align_steps, args.align_lr, seed, ["--train-vision", "--freeze-text"]))
-    models = {"base": stage("base c: reading and direct answers, text and images", out / "base",
-                            sft_stage(eyes, files["joint"], args.joint_steps, args.lr, seed, ["--train-vision"]))}
-    frozen = ["--freeze-embeddings"]  # stage 1 and the control alike (README: why)
-    models["sft"] = stage("stage 1: SFT on worked thoughts, text only", out / "sft",
-                          sft_stage(models["base"], files["sft"], args.sft_steps, args.sft_lr, seed, frozen))
+    return stage("base c: reading and direct answers, text and images", out / "base",
+                 sft_stage(eyes, files["joint"], args.joint_steps, args.lr, seed, ["--train-vision"]))
+
+
+def post_train(args, seed, out, files, base, level):
+    """X-Reasoner's two text-only stages and the control from `base`, the lowest `level` decoder layers frozen."""
+    frozen = ["--freeze-embeddings", "--freeze-layers", str(level)]  # stage 1 and the control alike (README: why)
+    models = {"sft": stage("stage 1: SFT on worked thoughts, text only", out / "sft",
+                           sft_stage(base, files["sft"], args.sft_steps, args.sft_lr, seed, frozen))}
     models["grpo"] = stage("stage 2: GRPO, text only", out / "grpo", lambda o: grpo.main(
         ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP),
          "--max-new-tokens", str(thought_budget(args.digits) + 16), "--max-steps", str(args.grpo_steps),
          "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0", "--micro-batch", "32", "--gen-batch", str(PROMPTS * GROUP),
-         "--reward-processes", "1", "--seed", str(seed), *o]))
+         "--reward-processes", "1", "--seed", str(seed), "--freeze-layers", str(level), *o]))
     models["control"] = stage("control: the same budget of direct answers, text only", out / "control",
-                              sft_stage(models["base"], files["control"], control_steps(args), args.sft_lr, seed,
-                                        frozen))
-    return {name: {split: measure(path, files, split, args, out / "eval" / name) for split in ("val", "test")}
-            for name, path in models.items()}
+                              sft_stage(base, files["control"], control_steps(args), args.sft_lr, seed, frozen))
+    return models
+
+
+def one_seed(args, seed):
+    """Every model of one seed, scored: {level: {model: {split: measure()}}}; level 0 lives where a single run's
+    stages do (out/seedN/sft, ...), level k in out/seedN/freezeK/."""
+    out = Path(args.out) / f"seed{seed}"
+    files = write_data(out / "data", args, seed)
+    base = base_model(args, seed, out, files)
+    scored = {"base": {split: measure(base, files, split, args, out / "eval" / "base") for split in ("val", "test")}}
+    results = {}
+    for level in args.levels:
+        where = out if level == 0 else out / f"freeze{level}"
+        models = post_train(args, seed, where, files, base, level)
+        results[level] = scored | {name: {split: measure(path, files, split, args, where / "eval" / name)
+                                          for split in ("val", "test")} for name, path in models.items()}
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,21 +391,58 @@ def per_seed(results, split="test"):
     return "\n".join(lines)
 
 
+def study_table(results, levels, split):
+    """Markdown: per level, image accuracy of each post-trained model and the image thoughts restating the sum."""
+    keys = [("sft", "accuracy"), ("grpo", "accuracy"), ("control", "accuracy"), ("sft", "read"), ("grpo", "read")]
+    lines = ["| frozen layers | image accuracy %: stage 1 | GRPO | control | image thoughts restating the sum %: "
+             "stage 1 | GRPO | text accuracy %: GRPO |", "|---" * 7 + "|"]
+    for level in levels:
+        runs = [r[level] for r in results.values()]
+        lines.append(f"| {level} | " + " | ".join(cell([r[m][split]["image"][k] for r in runs]) for m, k in keys)
+                     + f" | {cell([r['grpo'][split]['text']['accuracy'] for r in runs])} |")
+    return "\n".join(lines)
+
+
+def study_chart(results, levels, split="test"):
+    """Two panels against the level: image accuracy of stage 1, GRPO and the control (each seed a dot, the mean a
+    line), and the share of their image thoughts that restate the drawn sum."""
+    def panel(title, metric, models):
+        series = [(name, [sum(r[k][m][split]["image"][metric] for r in results.values()) / len(results)
+                          for k in levels]) for m, name in models]
+        dots = [(i, k, r[k][m][split]["image"][metric]) for i, (m, _) in enumerate(models) for k in levels
+                for r in results.values()]
+        return (title, levels, series, "decoder layers frozen in post-training", False, dots)
+    models = [("sft", "stage 1 (text SFT)"), ("grpo", "+ GRPO (text)"), ("control", "control (direct answers)")]
+    return svg_page([panel(f"image accuracy % ({split} split)", "accuracy", models),
+                     panel("image thoughts restating the drawn sum %", "read", models[:2])],
+                    f"Miniature study: {len(results)} seeds, each a dot; lines: the mean", 420, 280, 2)
+
+
+def report(args, results, minutes):
+    """results.md (and, for --study, results.svg) in --out."""
+    out, seeds = Path(args.out), ", ".join(map(str, args.seeds))
+    head = (f"{args.digits}-digit sums, {args.eval_items} held-out items per split, seeds {seeds}"
+            f"{' (--quick)' if args.quick else ''}; mean (min-max) over seeds; {minutes:.0f} min on this machine.\n\n")
+    flat = {seed: r[0] for seed, r in results.items()} if not args.study else results  # a single run: level 0
+    if args.study:
+        text = head + (f"Test split:\n\n{study_table(results, args.levels, 'test')}\n\n"
+                       f"Validation split:\n\n{study_table(results, args.levels, 'val')}\n")
+        (out / "results.svg").write_text(study_chart(results, args.levels))
+    else:
+        text = head + (f"Test split:\n\n{table(flat)}\n\nValidation split:\n\n{table(flat, 'val')}\n\n"
+                       f"Text / image accuracy % per seed, test split:\n\n{per_seed(flat)}\n")
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": flat}, indent=1))
+    return text
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     results = {seed: one_seed(args, seed) for seed in args.seeds}
-    out = Path(args.out)
-    seeds = ", ".join(map(str, args.seeds))
-    text = (f"{args.digits}-digit sums, {args.eval_items} held-out items per split, seeds {seeds}"
-            f"{' (--quick)' if args.quick else ''}; mean (min-max) over seeds.\n\n"
-            f"Test split:\n\n{table(results)}\n\nValidation split:\n\n{table(results, 'val')}\n\n"
-            f"Text / image accuracy % per seed, test split:\n\n{per_seed(results)}\n")
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    print(text)
-    print(f"miniature: {(time.time() - start) / 60:.1f} min; {out / 'results.md'}", file=sys.stderr)
-    return results
+    print(report(args, results, (time.time() - start) / 60))
+    print(f"miniature: {(time.time() - start) / 60:.1f} min; {Path(args.out) / 'results.md'}", file=sys.stderr)
+    return results if args.study else {seed: r[0] for seed, r in results.items()}
 
 
 if __name__ == "__main__":
