@@ -67,6 +67,20 @@ def test_sft_labels_cover_exactly_the_reply_in_real_tokens(qwen, reply):
     assert processor.tokenizer.decode(ex["input_ids"][:first]).endswith("<|im_start|>assistant\n")
 
 
+def test_an_openthoughts_row_is_labelled_in_the_papers_format(qwen):
+    """A row in OpenThoughts-114k's schema, through data.sft_row as the token cache runs it: the labels decode to
+    exactly the paper's <think>/<answer> text of its thought and solution, then <|im_end|>."""
+    _, processor = qwen
+    row = {"system": "Your role as an assistant ...", "conversations": [
+        {"from": "user", "value": "Return your final response within \\boxed{}. What is $2^{10}$?"},
+        {"from": "assistant", "value": "<|begin_of_thought|>\n\nOkay, 2^10 = 1024.\n\n<|end_of_thought|>\n\n"
+                                       "<|begin_of_solution|>\n\n$\\boxed{1024}$\n\n<|end_of_solution|>"}]}
+    ex = data.sft_row(row, processor, 4096, None)
+    want = "<think>\nOkay, 2^10 = 1024.\n</think>\n<answer>\n$\\boxed{1024}$\n</answer><|im_end|>"
+    assert processor.tokenizer.decode([t for t in ex["labels"] if t != -100]) == want
+    assert ex["input_ids"][-1] == 151645 and not ex["truncated"]
+
+
 def test_sft_cache_counts_truncation_and_changes_with_the_tokenizer(qwen, tmp_path, monkeypatch):
     _, processor = qwen
     monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
