@@ -504,7 +504,8 @@ def load_benchmark(bench, spec, source=None, image_root=None, images=True, exclu
 # Models: from_pretrained for everything; `tiny` is built locally once (toy/tiny.py), then read back the same way
 
 TINY = ("tiny", "tiny-text", "tiny-qwen")  # names of the locally built models
-QWEN_FILES = TOY_DIR.parent.parent / "shared" / "qwen2-tokenizer"  # Qwen2's vocab.json and merges.txt (tiny-qwen)
+# Qwen2's vocab.json and merges.txt, for tiny-qwen: ../shared/qwen2-tokenizer beside the checkout, or QWEN2_TOKENIZER
+QWEN_FILES = Path(os.environ.get("QWEN2_TOKENIZER", TOY_DIR.parent.parent / "shared" / "qwen2-tokenizer"))
 
 
 def tiny_corpus():
@@ -518,7 +519,7 @@ def check_model(name):
     if name not in TINY:
         check_model_dir(name)
     elif name == "tiny-qwen" and not all((QWEN_FILES / f).is_file() for f in ("vocab.json", "merges.txt")):
-        raise DataError(f"tiny-qwen needs Qwen2's vocab.json and merges.txt in {QWEN_FILES}")
+        raise DataError(f"tiny-qwen needs Qwen2's vocab.json and merges.txt in {QWEN_FILES} (or set QWEN2_TOKENIZER)")
 
 
 def resolve_model(name):

@@ -183,3 +183,10 @@ def test_sft_runs_on_tiny_qwen(tmp_path):
     sft.main(["--model", "tiny-qwen", "--data", "toy", "--out", str(tmp_path / "sft"), "--max-steps", "2"])
     metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] == m["loss"] and m["loss"] > 5 for m in metrics)  # ~ln(152k)=11.9
+
+
+def test_without_qwens_files_tiny_qwen_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "QWEN_FILES", tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")  # merges.txt missing
+    with pytest.raises(data.DataError, match="tiny-qwen needs Qwen2's vocab.json and merges.txt"):
+        data.load_processor("tiny-qwen")
