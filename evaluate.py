@@ -341,7 +341,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-pixels", type=POSITIVE_INT, default=262144, help="image resolution (X-Reasoner-7B's model card)")
     ap.add_argument("--max-pixels", type=COUNT, default=262144, help="image resolution (X-Reasoner-7B's model card); "
                     "0: the processor's own")
-    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, "
+                    "each refilled as its row ends (ours)")
     ap.add_argument("--seed", type=COUNT, default=0, help="sampling seeds, per (item, sample) (ours)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (same tokens, faster "
                     "after a compile of seconds to a minute)")

@@ -20,8 +20,8 @@ GRPO's rollouts and every evaluation run through `generate()` below: our own dec
 
 Deliberate simplifications: one cache row per slot, as long as the longest prompt plus the budget (no paged
 blocks), attention over the longest live row with a mask, torch.compile only on request (--compile) and without
-CUDA graphs; sharding across ranks
-is the caller's business (plumbing.distributed.shard), so this function always takes a plain, unsharded model.
+CUDA graphs; sharding across ranks is the caller's business (plumbing.distributed.shard), so this function always
+takes a plain, unsharded model.
 """
 import os
 import sys
@@ -297,9 +297,11 @@ def compiled(model):
         forward = torch.compile(model.forward, dynamic=True)
 
         def timed_forward(**inputs):
+            if hasattr(model, "compile_s"):
+                return forward(**inputs)
             started = time.perf_counter()
-            out = forward(**inputs)
-            model.compile_s = getattr(model, "compile_s", None) or time.perf_counter() - started
+            out = forward(**inputs)  # the first call compiles
+            model.compile_s = time.perf_counter() - started
             return out
         model._compiled_forward = timed_forward
     return model._compiled_forward
@@ -365,14 +367,14 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     limit = model.config.get_text_config().max_position_embeddings
     encodings, lengths = encode_all(processor, conversations, limit)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else \
-        [row_seed(torch.randint(0, 2**31 - 1, ()).item() if seed is None else seed, i) for i in range(len(encodings))]
-    device, slots_n = next(model.parameters()).device, min(batch_size, len(encodings))
+        [row_seed(torch.randint(0, 2**31 - 1, ()).item() if seed is None else seed, i) for i in range(n)]
+    device, slots_n = next(model.parameters()).device, min(batch_size, n)
     cache, slots = allocate(model, slots_n, min(limit, max(lengths) + max(budgets)))
     rope = 3 if hasattr(model.model, "get_rope_index") else 2
     forward = compiled(model) if compile else model
-    pending = sorted(range(len(encodings)), key=lambda i: lengths[i])  # similar lengths prefill together
-    results, live, logits, forwards, occupied = [None] * len(encodings), [], None, 0, 0
-    bar = tqdm(total=len(encodings), desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
+    pending = sorted(range(n), key=lambda i: lengths[i])  # similar lengths prefill together
+    results, live, logits, forwards, occupied = [None] * n, [], None, 0, 0
+    bar = tqdm(total=n, desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
     while pending or live:
         if pending and slots_n - len(live) >= min(ADMIT_AT, max(1, slots_n // 8), len(pending)):  # admit: free slots
             take = min(slots_n - len(live), PREFILL_ROWS)
@@ -464,7 +466,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling; 1: off (§3: off)")
     ap.add_argument("--think-budget", type=POSITIVE_INT, default=None, help="forced exit after N thinking tokens (§2.1)")
     ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
-    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
+    ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, "
+                    "each refilled as its row ends (ours)")
     ap.add_argument("--seed", type=COUNT, default=0, help="sampling seed (ours)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (same tokens; compiling "
                     "takes seconds to a minute, worth it for long runs)")

@@ -88,7 +88,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=COUNT, default=0, help="prompt order and rollout seeds (ours)")
     # systems (ours)
     ap.add_argument("--micro-batch", type=POSITIVE_INT, default=4, help="sequences per training forward (ours)")
-    ap.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="KV-cache slots decoded together, each refilled as its row ends (ours)")
+    ap.add_argument("--gen-batch", type=POSITIVE_INT, default=64, help="KV-cache slots decoded together, "
+                    "each refilled as its row ends (ours)")
     ap.add_argument("--reward-processes", type=POSITIVE_INT, default=4, help="verifier helper processes (ours)")
     ap.add_argument("--offload", action="store_true", help="training state to host memory in rollouts (40 GB GPUs)")
     ap.add_argument("--save-every", type=COUNT, default=50, help="save every N steps (ours)")

@@ -69,12 +69,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/miniature", help="data, checkpoints, evaluations, results.md")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean (min-max)")
+    ap.add_argument("--seeds", help="comma-separated seeds; the table gives mean (min-max) (default: 0; --study: 0,1,2)")
     ap.add_argument("--quick", action="store_true", help="a small model and budgets: the pipeline, not the result")
     ap.add_argument("--study", action="store_true", help="post-train at every --levels of frozen decoder layers "
                     "(seeds 0,1,2 unless --seeds): results.md and results.svg, image accuracy against the level")
-    ap.add_argument("--levels", default="0,1,2", help="--study: the lowest decoder layers frozen in stage 1, GRPO and "
-                    "the control (ours; 0 is the single-run default)")
+    ap.add_argument("--levels", help="--study: the lowest decoder layers frozen in stage 1, GRPO and the control "
+                    "(ours: 0,1,2; --quick 0,1; 0 is the single run's setting)")
     # the task (ours): a + b with `digits`-digit operands, the expression drawn one character per 28-pixel cell
     ap.add_argument("--digits", type=int, default=4, help="digits per operand (ours)")
     ap.add_argument("--eval-items", type=int, default=100, help="held-out sums per split, validation and test")
@@ -103,14 +103,9 @@ def parse_args(argv=None):
         args.lm_steps = args.align_steps = args.joint_steps = args.sft_steps = 3
         args.base_problems, args.sft_problems = 64, 64
         args.grpo_steps = 2
-    if args.study and "--seeds" not in (argv if argv is not None else sys.argv):
-        args.seeds = "0,1,2"
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.levels = [int(k) for k in args.levels.split(",")]
-    if args.quick and args.study and "--levels" not in (argv if argv is not None else sys.argv):
-        args.levels = [0, 1]  # the quick model has 2 layers
-    if not args.study:
-        args.levels = [0]
+    args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.study else "0")).split(",")]
+    levels = (args.levels or ("0,1" if args.quick else "0,1,2")) if args.study else "0"  # quick: 2 layers
+    args.levels = [int(k) for k in levels.split(",")]
     if any(not 0 <= k < args.layers for k in args.levels):
         ap.error(f"--levels: each level must be from 0 to {args.layers - 1} (frozen layers of {args.layers})")
     return args
@@ -332,10 +327,11 @@ def post_train(args, seed, out, files, base, level):
     models = {"sft": stage("stage 1: SFT on worked thoughts, text only", out / "sft",
                            sft_stage(base, files["sft"], args.sft_steps, args.sft_lr, seed, frozen))}
     models["grpo"] = stage("stage 2: GRPO, text only", out / "grpo", lambda o: grpo.main(
-        ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP),
-         "--max-new-tokens", str(thought_budget(args.digits) + 16), "--max-steps", str(args.grpo_steps),
-         "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0", "--micro-batch", "32", "--gen-batch", str(PROMPTS * GROUP),
-         "--reward-processes", "1", "--seed", str(seed), "--freeze-layers", str(level), *o]))
+        ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", str(PROMPTS),
+         "--group-size", str(GROUP), "--max-new-tokens", str(thought_budget(args.digits) + 16),
+         "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0",
+         "--micro-batch", "32", "--gen-batch", str(PROMPTS * GROUP), "--reward-processes", "1", "--seed", str(seed),
+         "--freeze-layers", str(level), *o]))
     models["control"] = stage("control: the same budget of direct answers, text only", out / "control",
                               sft_stage(base, files["control"], control_steps(args), args.sft_lr, seed, frozen))
     return models

@@ -5,10 +5,11 @@ and a small byte-level BPE tokenizer trained on the spot with Qwen's special tok
 from ../shared/qwen2-tokenizer), special-token ids, chat template, processor and generation settings, and every
 value of its config.json but the widths (build_qwen).
 
-`--model tiny` (and `tiny-text`, a text-only Qwen2 teacher, and `tiny-qwen`) resolve here through data.resolve_model, which builds
-the checkpoint once into ~/.cache/x-reasoner and then loads it with from_pretrained like any 7B checkpoint. This
-file imports nothing of the project (data.py passes it the text to train the tokenizer on), so it can sit below
-every stage; torch, tokenizers and transformers are imported where used ("heavy"), as `import data` stays light.
+`--model tiny` (and `tiny-text`, a text-only Qwen2 teacher, and `tiny-qwen`) resolve here through
+data.resolve_model, which builds the checkpoint once into ~/.cache/x-reasoner (ensure) and then loads it with
+from_pretrained like any 7B checkpoint. This file imports nothing of the project (data.py passes it the text to
+train the tokenizer on), so it can sit below every stage; torch, tokenizers and transformers are imported where
+used ("heavy"), as `import data` stays light.
 
     python data.py --model tiny      # build (if needed) and print its path
 """
@@ -171,7 +172,6 @@ QWEN_TEXT = dict(  # config.json: everything but the widths and the layer count
 QWEN_MROPE = [16, 24, 24]  # config.json's rope_scaling.mrope_section, for a head of 128 (64 frequencies)
 QWEN_VISION = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2,
                    hidden_act="silu", in_channels=3)  # config.json's vision_config, but for its depth and widths
-QWEN_FULL_ATTENTION = [7, 15, 23, 31]  # of 32 blocks, the last of every 8 (tiny-qwen: of 4, the last of every 2)
 QWEN_IDS = dict(vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
                 image_token_id=151655, video_token_id=151656, bos_token_id=151643, eos_token_id=151645)
 QWEN_GENERATION = dict(bos_token_id=151643, pad_token_id=151643, do_sample=True, eos_token_id=[151645, 151643],
@@ -216,7 +216,7 @@ def build_qwen(path, files, seed=0):
                             num_attention_heads=heads, num_key_value_heads=1, pad_token_id=None,
                             rope_parameters={"rope_type": "default", "rope_theta": QWEN_TEXT["rope_theta"],
                                              "mrope_section": [round(s * scale) for s in QWEN_MROPE]})
-    full = [1, 3]  # QWEN_FULL_ATTENTION's pattern on 4 blocks: the last of every 2
+    full = [1, 3]  # config.json: full attention in blocks 7, 15, 23, 31 of 32, the last of every 8; here of every 2
     vision = QWEN_VISION | dict(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2,
                                 out_hidden_size=text["hidden_size"], fullatt_block_indexes=full)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_IDS)
