@@ -2,7 +2,7 @@
 (kept below as the reference path: a DynamicCache grown by torch.cat, chunks run to their longest row) and with
 transformers' model.generate. Same settings, interleaved runs: each ratio is the median over `--repeats` of the
 ratio within a pair of neighbouring runs (a drift in a shared machine's speed cancels within a pair; the best of
-each alone swung the 7B-KV row from 1.38x to 1.78x between runs), tok/s the best run.
+each alone gave the 7B-KV row 1.47x to 1.78x over runs of the same code), tok/s the best run.
 
     python bench/bench_generate.py                 # CPU: the rows below; --json ends with one JSON object
     python bench/bench_generate.py --gpu           # CUDA: bf16 3B/7B shapes, batch 64, 1,024 new tokens
