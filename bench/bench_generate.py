@@ -221,21 +221,40 @@ def compiled(model, processor, repeats, new=128):
     return {"compile_tiny_b1": ratio, "compile_s": model.compile_s, "compile_same_tokens": same}
 
 
-def gpu(processor):
-    """tokens/s of ours at batch 1 and 64 against the bound of reading the weights and the KV cache once a step."""
-    peak_bw = 4.8e12 if "H200" in torch.cuda.get_device_name() else 3.35e12  # HBM3e / HBM3 (NVIDIA's data sheets)
-    for shape in ("3B", "7B"):
-        model = random_model(shape, processor, torch.bfloat16, "cuda")
-        for batch in (1, 64):
-            best, _ = compare(model, processor, prompts(batch), 1024, batch, 1)
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            tc = model.config.text_config
-            kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 2
-            step_bytes = weights + batch * kv * (512 + 64)  # the average cache length over the run
-            tok_s = batch * 1024 / best["ours"]
-            print(f"{shape} batch {batch}: ours {tok_s:.0f} tok/s ({tok_s / batch * step_bytes / peak_bw:.0%} of the "
-                  f"bandwidth bound), reference {batch * 1024 / best['ref']:.0f} tok/s", flush=True)
+def step_bytes(model, batch, cache_len):
+    """The least a decode step must read: every weight it multiplies by (the decoder layers, the final norm, the
+    head; not the vision tower, and of the embedding table only `batch` rows) and `batch` KV caches of
+    `cache_len` tokens."""
+    decoder, size = model.get_decoder(), lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    embed = decoder.embed_tokens.weight
+    weights = size(decoder.layers.parameters()) + size(decoder.norm.parameters()) + \
+        size(model.get_output_embeddings().parameters()) + batch * embed.shape[1] * embed.element_size()
+    tc = model.config.get_text_config()
+    per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads)
+    return weights + batch * cache_len * per_token * embed.element_size()
+
+
+def gpu(processor, device="cuda", dtype=torch.bfloat16, shapes=("3B", "7B"), batches=(1, 64), new=1024,
+        peak_bw=None):
+    """tokens/s of ours against the bound of reading a step's bytes (step_bytes) once at the device's peak
+    bandwidth; the arguments other than `processor` exist for the CPU test of this path."""
+    if peak_bw is None:  # HBM3e / HBM3 (NVIDIA's H200 and H100 SXM data sheets)
+        peak_bw = 4.8e12 if "H200" in torch.cuda.get_device_name() else 3.35e12
+    rows = []
+    for shape in shapes:
+        model = random_model(shape, processor, dtype, device)
+        for batch in batches:
+            convs = prompts(batch)
+            best, _ = compare(model, processor, convs, new, batch, 1)
+            prompt = sum(G.encode(processor, c)["input_ids"].shape[1] for c in convs) / batch
+            tok_s = batch * new / best["ours"]
+            bound = peak_bw / step_bytes(model, batch, prompt + new / 2) * batch  # at the run's mean cache length
+            rows.append({"shape": shape, "batch": batch, "tok_s": tok_s, "bound_tok_s": bound,
+                         "ref_tok_s": batch * new / best["ref"]})
+            print(f"{shape} batch {batch}: ours {tok_s:.0f} tok/s ({tok_s / bound:.0%} of the bandwidth bound "
+                  f"{bound:.0f}), reference {rows[-1]['ref_tok_s']:.0f} tok/s", flush=True)
         del model
+    return rows
 
 
 if __name__ == "__main__":

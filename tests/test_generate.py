@@ -296,3 +296,21 @@ def test_compiled_decode_gives_the_same_rows(model, processor):
     key = lambda c: (c.token_ids, c.sampled, c.finish_reason)  # noqa: E731
     assert [key(c) for c in fast] == [key(c) for c in eager]
     assert stats["compile_s"] > 0 and stats["decode_forwards"] > 0
+
+
+def test_the_bandwidth_bound_counts_what_a_decode_step_reads(model, processor):
+    """bench_generate --gpu's arithmetic, worked by hand from the tiny model's config (fp32: 4 bytes), then that
+    GPU-only path itself run on the CPU at a small shape."""
+    sys.path.insert(0, str(data.TOY_DIR.parent / "bench"))
+    from bench_generate import gpu, step_bytes
+    tc = model.config.get_text_config()
+    h, heads, kv, layers, inter = (tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads,
+                                   tc.num_hidden_layers, tc.intermediate_size)
+    d, vocab = h // heads, model.get_output_embeddings().weight.shape[0]
+    layer = (h * heads * d + heads * d) + 2 * (h * kv * d + kv * d) + heads * d * h + 3 * h * inter + 2 * h
+    weights = layers * layer + h + vocab * h  # q, k, v with biases, o, gate/up/down, 2 norms; final norm; head
+    batch, cache = 3, 10
+    assert step_bytes(model, batch, cache) == 4 * (weights + batch * h + batch * cache * 2 * layers * kv * d)
+    rows = gpu(processor, device="cpu", dtype=torch.float32, shapes=("kv7b",), batches=(1, 2), new=4, peak_bw=1e10)
+    assert [(r["shape"], r["batch"]) for r in rows] == [("kv7b", 1), ("kv7b", 2)]
+    assert all(r["tok_s"] > 0 and r["ref_tok_s"] > 0 and r["bound_tok_s"] > 0 for r in rows)
