@@ -1,7 +1,7 @@
 """Batched sampling with a KV cache and the paper's forced exit, for text and images (Qwen2.5-VL).
 
 GRPO's rollouts and every evaluation run through `generate()` below: our own decode loop over the model's
-`forward`, written out so that each step of sampling is visible.
+`forward` (a decode step: its language model and head alone), written out so each step of sampling is visible.
 
     1. encode    each chat through the processor (text + images -> input_ids, pixel_values, image_grid_thw)
     2. admit     prompts, shortest first, into free slots of a preallocated KV cache (SlotCache): `batch_size`
