@@ -139,12 +139,17 @@ def test_study_shares_the_base_and_freezes_each_level(study):
     assert len(list(ET.parse(str(out / "results.svg")).getroot().iter("{http://www.w3.org/2000/svg}circle"))) == 10
 
 
-def test_study_chart_by_hand():
-    """Three seeds at two levels, made up: one dot per seed, model and level; each line is the seeds' mean."""
-    def scores(acc, read):
-        return {"test": {"image": {"accuracy": acc, "read": read}}}
-    results = {seed: {level: {"sft": scores(10 * seed + level, 50), "grpo": scores(20 + seed, 60 + level),
-                              "control": scores(1.0, 0)} for level in (0, 2)} for seed in (0, 1, 2)}
+def test_study_chart_and_table_by_hand():
+    """Three seeds at two levels, made up: one dot per seed, model and level; each line is the seeds' mean; the
+    table gives mean (min-max) of the same numbers, and the text accuracy of stage 1 and GRPO."""
+    def scores(acc, read, text=0.0):
+        return {"test": {"image": {"accuracy": acc, "read": read}, "text": {"accuracy": text}}}
+    results = {seed: {level: {"sft": scores(10 * seed + level, 50, 70 - 30 * level + seed),
+                              "grpo": scores(20 + seed, 60 + level, 80), "control": scores(1.0, 0)}
+                      for level in (0, 2)} for seed in (0, 1, 2)}
+    rows = miniature.study_table(results, [0, 2], "test").splitlines()
+    assert rows[3] == ("| 2 | 12.0 (2.0-22.0) | 21.0 (20.0-22.0) | 1.0 (1.0-1.0) | 50.0 (50.0-50.0) | 62.0 (62.0-62.0) "
+                       "| 11.0 (10.0-12.0) | 80.0 (80.0-80.0) |")
     svg = ET.fromstring(miniature.study_chart(results, [0, 2]))
     ns = "{http://www.w3.org/2000/svg}"
     assert len(list(svg.iter(ns + "circle"))) == 3 * 2 * (3 + 2)  # seeds x levels x (3 accuracy + 2 restated)

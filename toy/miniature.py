@@ -391,11 +391,12 @@ def study_table(results, levels, split):
     """Markdown: per level, image accuracy of each post-trained model and the image thoughts restating the sum."""
     keys = [("sft", "accuracy"), ("grpo", "accuracy"), ("control", "accuracy"), ("sft", "read"), ("grpo", "read")]
     lines = ["| frozen layers | image accuracy %: stage 1 | GRPO | control | image thoughts restating the sum %: "
-             "stage 1 | GRPO | text accuracy %: GRPO |", "|---" * 7 + "|"]
+             "stage 1 | GRPO | text accuracy %: stage 1 | GRPO |", "|---" * 8 + "|"]
     for level in levels:
         runs = [r[level] for r in results.values()]
-        lines.append(f"| {level} | " + " | ".join(cell([r[m][split]["image"][k] for r in runs]) for m, k in keys)
-                     + f" | {cell([r['grpo'][split]['text']['accuracy'] for r in runs])} |")
+        lines.append(f"| {level} | " + " | ".join([cell([r[m][split]["image"][k] for r in runs]) for m, k in keys] +
+                                                  [cell([r[m][split]["text"]["accuracy"] for r in runs])
+                                                   for m in ("sft", "grpo")]) + " |")
     return "\n".join(lines)
 
 
