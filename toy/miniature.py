@@ -19,7 +19,7 @@ Then evaluate.py (greedy, forced exit) scores every model on held-out sums writt
 whose thought reads the drawn sum right. Settings were chosen on a development split of our own, then checked on
 the validation split; the README's table is the test split (README, "The transfer claim in miniature").
 
-    python toy/miniature.py --out runs/miniature                 # one seed, ~26 minutes on 2 CPU cores
+    python toy/miniature.py --out runs/miniature                 # one seed, ~38 min on 2 CPU cores (measured: seed 0)
     python toy/miniature.py --out runs/miniature --seeds 0,1,2   # the README's table: three seeds, mean (range)
     python toy/miniature.py --out runs/mini --quick              # the pipeline end to end, 19 s on 2 CPU cores
     python toy/miniature.py --out runs/study --study             # the study below: 3 seeds x 3 levels
