@@ -22,7 +22,7 @@ the validation split; the README's table is the test split (README, "The transfe
     python toy/miniature.py --out runs/miniature                 # one seed, ~38 min on 2 CPU cores (measured: seed 0)
     python toy/miniature.py --out runs/miniature --seeds 0,1,2   # the README's table: three seeds, mean (range)
     python toy/miniature.py --out runs/mini --quick              # the pipeline end to end, 19 s on 2 CPU cores
-    python toy/miniature.py --out runs/study --study             # the study below: 3 seeds x 3 levels
+    python toy/miniature.py --out runs/study --study             # the study below: 3 seeds x 3 levels, ~4 h
 
 The study (--study) varies one thing: how many of the lowest decoder layers stay frozen in the three text-only
 post-training runs (stage 1, GRPO, the control): 0 (the single run's setting), 1 and 2 of 4, three seeds each, one
@@ -32,6 +32,7 @@ thought (99%) but its first line stopped restating the drawn sum after stage 1 (
 paper's frozen vision tower carried one step further in, and it leaves the base alone, so every level shares it.
 The variable and its levels were fixed from that earlier run's diagnostics, before any study run on either split.
 results.svg: image accuracy and the restated share against the level, each seed a dot, the mean a line.
+Cost, measured: 77-82 min a seed, ~4 h in all on 2 CPU cores (README).
 
 Deliberate simplifications: one task (addition), one font, a model of a few million parameters trained for
 minutes; settings a 7B model does not need, each one measured (README): M-RoPE's rotary frequencies all on the
