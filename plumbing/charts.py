@@ -16,15 +16,20 @@ def nice_ticks(lo, hi, n=5):
     return [first + k * step for k in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
 
 
-def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False, dots=()):
+def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False, dots=(), ylim=None):
     """One chart at (x0, y0): axes with ticks and labels, then `series` [(label, ys)] as lines, or as grouped
     bars over categorical xs, and `dots` [(series index, x, y)] as points in that series' colour (the runs a line
-    averages). Each line/bar/dot carries its raw values in data- attributes."""
+    averages). `ylim` (lo, hi) fixes the y axis, e.g. (0, 100) for a percentage, so that 1% does not fill the panel.
+    Each line/bar/dot carries its raw values in data- attributes."""
     values = [v for _, ys in series for v in ys if v is not None and math.isfinite(v)] + [d[2] for d in dots] or [0.0]
     top = max(values)
-    yt = nice_ticks(0.0, top if top > 0 else 1.0) if bars else nice_ticks(min(values), top)  # bars rise from 0
-    xt = list(range(len(xs) + 1)) if bars else nice_ticks(min(xs), max(xs), 4)  # bars: category i spans [i, i+1]
-    px = lambda x: x0 + 52 + (x - xt[0]) / ((xt[-1] - xt[0]) or 1) * (w - 64)  # noqa: E731
+    yt = (nice_ticks(*ylim) if ylim else nice_ticks(0.0, top if top > 0 else 1.0) if bars  # bars rise from 0
+          else nice_ticks(min(values), top))
+    levels = not bars and xs and all(isinstance(x, int) for x in xs) and max(xs) - min(xs) <= 12  # a tick a level
+    xt = (list(range(len(xs) + 1)) if bars else  # bars: category i spans [i, i+1]
+          list(range(min(xs), max(xs) + 1)) if levels else nice_ticks(min(xs), max(xs), 4))
+    pad = 0.25 if levels else 0.0  # keeps the end levels' dots off the frame
+    px = lambda x: x0 + 52 + (x - xt[0] + pad) / ((xt[-1] - xt[0] + 2 * pad) or 1) * (w - 64)  # noqa: E731
     py = lambda y: y0 + h - 34 - (y - yt[0]) / ((yt[-1] - yt[0]) or 1) * (h - 58)  # noqa: E731
     out = [f'<text x="{x0 + 52}" y="{y0 + 16}" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{x0 + 52}" y="{y0 + 24}" width="{w - 64}" height="{h - 58}" fill="none" stroke="#999"/>']
@@ -57,7 +62,7 @@ def svg_panel(x0, y0, w, h, title, xs, series, xlabel=None, bars=False, dots=())
 
 
 def svg_page(panels, title, w, h, cols):
-    """A page of panels, `cols` to a row, each panel (title, xs, series, xlabel, bars[, dots]) for svg_panel."""
+    """A page of panels, `cols` to a row, each panel (title, xs, series, xlabel, bars[, dots[, ylim]]) for svg_panel."""
     rows = math.ceil(len(panels) / cols)
     body = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * cols}" height="{h * rows + 30}" '
             f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',

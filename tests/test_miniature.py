@@ -136,7 +136,8 @@ def test_study_shares_the_base_and_freezes_each_level(study):
     assert any(not torch.equal(base[k], frozen[k]) for k in base if ".layers.1." in k)
     text = (out / "results.md").read_text()
     assert "| 0 | " in text and "| 1 | " in text and "min on this machine" in text
-    assert len(list(ET.parse(str(out / "results.svg")).getroot().iter("{http://www.w3.org/2000/svg}circle"))) == 10
+    circles = ET.parse(str(out / "results.svg")).getroot().iter("{http://www.w3.org/2000/svg}circle")
+    assert len(list(circles)) == 1 * 2 * (3 + 2 + 2)  # seed x levels x (image accuracy, restated, text accuracy)
 
 
 def test_study_chart_and_table_by_hand():
@@ -152,11 +153,16 @@ def test_study_chart_and_table_by_hand():
                        "| 11.0 (10.0-12.0) | 80.0 (80.0-80.0) |")
     svg = ET.fromstring(miniature.study_chart(results, [0, 2]))
     ns = "{http://www.w3.org/2000/svg}"
-    assert len(list(svg.iter(ns + "circle"))) == 3 * 2 * (3 + 2)  # seeds x levels x (3 accuracy + 2 restated)
+    # seeds x levels x (3 image accuracy + 2 restated + 2 text accuracy)
+    assert len(list(svg.iter(ns + "circle"))) == 3 * 2 * (3 + 2 + 2)
     lines = [(p.get("data-label"), p.get("data-y")) for p in svg.iter(ns + "polyline")]
     assert lines == [("stage 1 (text SFT)", "10.0,12.0"), ("+ GRPO (text)", "21.0,21.0"),
                      ("control (direct answers)", "1.0,1.0"), ("stage 1 (text SFT)", "50.0,50.0"),
-                     ("+ GRPO (text)", "60.0,62.0")]
+                     ("+ GRPO (text)", "60.0,62.0"), ("stage 1 (text SFT)", "71.0,11.0"),
+                     ("+ GRPO (text)", "80.0,80.0")]
+    # every panel a percentage on 0-100 (1% must not fill a panel), one x tick per level 0, 1, 2
+    labels = [t.text for t in svg.iter(ns + "text")]
+    assert labels.count("100") == 3 and labels.count("0") == 6 and labels.count("1") == 3 and "0.5" not in labels
 
 
 def test_quick_runs_every_stage_and_writes_the_table(study):
