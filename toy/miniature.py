@@ -392,14 +392,14 @@ def per_seed(results, split="test"):
 
 def study_table(results, levels, split):
     """Markdown: per level, image accuracy of each post-trained model and the image thoughts restating the sum."""
-    keys = [("sft", "accuracy"), ("grpo", "accuracy"), ("control", "accuracy"), ("sft", "read"), ("grpo", "read")]
+    keys = [("sft", "image", "accuracy"), ("grpo", "image", "accuracy"), ("control", "image", "accuracy"),
+            ("sft", "image", "read"), ("grpo", "image", "read"), ("sft", "text", "accuracy"), ("grpo", "text", "accuracy")]
     lines = ["| frozen layers | image accuracy %: stage 1 | GRPO | control | image thoughts restating the sum %: "
              "stage 1 | GRPO | text accuracy %: stage 1 | GRPO |", "|---" * 8 + "|"]
     for level in levels:
         runs = [r[level] for r in results.values()]
-        lines.append(f"| {level} | " + " | ".join([cell([r[m][split]["image"][k] for r in runs]) for m, k in keys] +
-                                                  [cell([r[m][split]["text"]["accuracy"] for r in runs])
-                                                   for m in ("sft", "grpo")]) + " |")
+        lines.append(f"| {level} | " + " | ".join(cell([r[m][split][modality][k] for r in runs])
+                                                  for m, modality, k in keys) + " |")
     return "\n".join(lines)
 
 
