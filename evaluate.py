@@ -400,14 +400,14 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     """One benchmark: each rank generates and judges its share of the (item, sample) pairs not yet on disk,
     appending one JSON line per sample; rank 0 returns the summary (the others None)."""
     tasks, skipped = data.load_benchmark(bench, BENCHMARKS[bench], source, args.image_root, not args.no_image,
-                                         read_ids(args.exclude_ids, bench), args.limit)
+                                         runs.read_ids(args.exclude_ids, bench), args.limit)
     done = open_records(Path(args.out), bench, args, rank)
     todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = Path(args.out) / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
     decoded = {"decode_forwards": 0, "live": 0.0, "slots": 0}  # slot occupancy = live / slots over decode steps
     with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
         if f.tell() and not path.read_bytes().endswith(b"\n"):
-            f.write("\n")  # end the line a crash cut short; read_records skips it
+            f.write("\n")  # end the line a crash cut short; runs.read_records skips it
         for start in range(0, len(todo), args.batch_size * 16):  # parts, each on disk before the next: resumable
             part, s = todo[start:start + args.batch_size * 16], {}
             seeds = [generate.row_seed(args.seed, zlib.crc32(f"{t['id']}/{k}".encode())) for t, k in part]
@@ -432,12 +432,12 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     if rank != 0:
         return None
     ids = {t["id"] for t in tasks}
-    records = [r for (i, k), r in read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
+    records = [r for (i, k), r in runs.read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
     if args.text_solvable_out:  # Table 6: the items answered right in all K image-free samples
         by_id = {}
         for r in records:
             by_id.setdefault(r["id"], []).append(r["correct"])
-        write_solvable(args.text_solvable_out, bench,
+        runs.write_solvable(args.text_solvable_out, bench,
                             sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
     return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint,
                                                                "decode_forwards": int(decoded["decode_forwards"]),
@@ -450,7 +450,7 @@ def prompt_text(bench, t, template=None):
 
 
 # ====================================================================================================
-# Plumbing: where the data comes from, the records on disk, summaries and tables
+# Plumbing: where the data comes from, summaries and tables (the records on disk: plumbing/runs.py)
 
 def requested(args):
     """The benchmarks asked for, and where each one's rows come from (--data; the hub where not given)."""
@@ -478,45 +478,7 @@ def open_records(out, bench, args, rank):
                                               "answer_budget", "no_image", "min_pixels", "max_pixels", "seed",
                                               "template")}
     runs.reuse_records(out, bench, protocol, args.fingerprint, args.model, rank)
-    return read_records(out, bench)
-
-
-def read_records(out, bench):
-    """evaluate.py's per-sample records for `bench` in `out`, by (id, sample), from every rank's file."""
-    records, bad = {}, 0
-    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                records[(r["id"], r["sample"])] = r
-            except (json.JSONDecodeError, KeyError):
-                bad += 1  # a line cut short by a crash: that sample is generated again
-    if bad:
-        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
-    return records
-
-
-def write_solvable(path, bench, ids):
-    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
-    path = Path(path)
-    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if not line.startswith(bench + "\t")]
-    write_atomic(path, "".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
-
-
-def read_ids(paths, bench):
-    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
-    "bench<TAB>id" (as --text-solvable-out writes them)."""
-    ids = set()
-    for path in paths:
-        text = Path(path).read_text()
-        if text.lstrip().startswith("["):
-            ids |= set(map(str, json.loads(text)))
-            continue
-        for line in filter(str.strip, text.splitlines()):
-            b, tab, i = line.rstrip("\n").partition("\t")
-            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
-    return ids
+    return runs.read_records(out, bench)
 
 
 def summarize(bench, records, k, skipped):

@@ -1,4 +1,5 @@
-"""Run directories: flags, checks, checkpoints and their retention, preemption, metrics.jsonl, timing and MFU.
+"""Run directories: flags, checks, checkpoints and their retention, preemption, metrics.jsonl, timing and MFU,
+evaluate.py's per-sample records and id lists.
 
 A run directory is never overwritten by accident and a resume continues the same run: its settings are recorded
 (args.json, and in every checkpoint) and compared on --resume. Checkpoints are written aside and renamed into
@@ -351,6 +352,44 @@ def reuse_records(out, name, protocol, weights, model, rank):
                 f.rename(out / f.name.replace(name, f"{name}.stale-{stale}", 1))
         write_atomic(meta, json.dumps(protocol | {"fingerprint": weights, "model": model}, indent=1))
     barrier()  # the moves are done before anyone reads the records
+
+
+def read_records(out, bench):
+    """evaluate.py's per-sample records for `bench` in `out` (bench.jsonl, bench.rank*.jsonl), by (id, sample)."""
+    records, bad = {}, 0
+    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                records[(r["id"], r["sample"])] = r
+            except (json.JSONDecodeError, KeyError):
+                bad += 1  # a line cut short by a crash: that sample is generated again
+    if bad:
+        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
+    return records
+
+
+def write_solvable(path, bench, ids):
+    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
+    path = Path(path)
+    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
+            if not line.startswith(bench + "\t")]
+    write_atomic(path, "".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
+
+
+def read_ids(paths, bench):
+    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
+    "bench<TAB>id" (as --text-solvable-out writes them)."""
+    ids = set()
+    for path in paths:
+        text = Path(path).read_text()
+        if text.lstrip().startswith("["):
+            ids |= set(map(str, json.loads(text)))
+            continue
+        for line in filter(str.strip, text.splitlines()):
+            b, tab, i = line.rstrip("\n").partition("\t")
+            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
+    return ids
 
 
 def fingerprint(path):

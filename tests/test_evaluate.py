@@ -314,7 +314,7 @@ def test_resume_generates_only_what_is_missing(tmp_path, monkeypatch, capsys):
     run_eval(tmp_path / "cut", "--bench", "medqa,mmlu-pro")
     assert calls == [2, 3]  # 3 and 4 items, one of each already done
     for b in ("medqa", "mmlu-pro"):
-        got = {(r["id"], r["response"]) for r in ev.read_records(tmp_path / "cut", b).values()}
+        got = {(r["id"], r["response"]) for r in runs.read_records(tmp_path / "cut", b).values()}
         want = {(r["id"], r["response"]) for r in map(json.loads, full[b].splitlines())}
         assert got == want  # greedy: the resumed run reproduces the straight run
     with pytest.raises(data.DataError, match="not evaluated: medqa"):
@@ -336,11 +336,11 @@ def test_samples_no_image_and_text_solvable(tmp_path):
     by_id = {}
     for r in lines:
         by_id.setdefault(r["id"], []).append(r["correct"])
-    assert ev.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
+    assert runs.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("1\n2\n5\n")
     (s,) = run_eval(tmp_path / "rest", "--bench", "mathvista", "--exclude-ids", str(exclude), "--limit", "4")
-    ids = {i for i, _ in ev.read_records(tmp_path / "rest", "mathvista")}
+    ids = {i for i, _ in runs.read_records(tmp_path / "rest", "mathvista")}
     assert s["n"] == 4 and ids == {"4", "10", "19", "74"}  # the first four after the exclusion
     # annotations without their images (e.g. ../shared/data): --no-image never opens them
     rows = {k: dict(v, image=f"images/missing_{k}.png") for k, v in MATHVISTA.items()}
@@ -382,8 +382,8 @@ def test_cli_and_two_ranks_match_one_process(tmp_path):
                          + ["--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "rror" in l or "line" in l)[-3000:]
     for b in ("mathvista", "mmmu-pro"):
-        a = {k: r["response"] for k, r in ev.read_records(tmp_path / "one", b).items()}
-        c = {k: r["response"] for k, r in ev.read_records(tmp_path / "two", b).items()}
+        a = {k: r["response"] for k, r in runs.read_records(tmp_path / "one", b).items()}
+        c = {k: r["response"] for k, r in runs.read_records(tmp_path / "two", b).items()}
         assert a == c and len(list((tmp_path / "two").glob(f"{b}.rank*.jsonl"))) == 2
     bad = subprocess.run([sys.executable, "evaluate.py", "--bench", "nope", "--model", "tiny"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -464,14 +464,14 @@ def test_medqa_five_options_and_mmmu_pro_nested_options():
 
 def test_exclude_ids_is_the_union_of_several_files(tmp_path):
     a, b = tmp_path / "base.tsv", tmp_path / "xr.tsv"
-    ev.write_solvable(a, "mathvista", ["1", "2"])
-    ev.write_solvable(a, "mmmu", ["validation_Art_1"])
-    ev.write_solvable(b, "mathvista", ["2", "5"])
-    ev.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
+    runs.write_solvable(a, "mathvista", ["1", "2"])
+    runs.write_solvable(a, "mmmu", ["validation_Art_1"])
+    runs.write_solvable(b, "mathvista", ["2", "5"])
+    runs.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
     plain = tmp_path / "plain.txt"
     plain.write_text("10\n")
-    assert ev.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
-    assert ev.read_ids([a], "mmmu") == {"validation_Art_1"}
+    assert runs.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
+    assert runs.read_ids([a], "mmmu") == {"validation_Art_1"}
     args = ev.parse_args(["--exclude-ids", f"{a},{b}", "--exclude-ids", str(plain)])
     assert args.exclude_ids == [str(a), str(b), str(plain)]
 

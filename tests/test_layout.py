@@ -108,13 +108,14 @@ def code_lines(path):
 
 def test_stage_files_and_functions_stay_readable():
     """Each stage file at most 500 non-blank, non-comment lines (rewards.py, a LaTeX translator, 650), plumbing/ at
-    most 700; no function longer than 60 lines outside bench/. All six stage files: the split into plumbing/ took
+    most 735; no function longer than 60 lines outside bench/. All six stage files: the split into plumbing/ took
     them from 2,943 to 2,487 under a goal of 2,500; the flag checks, the slot-cache engine and --compile since added
-    ~170, and 2,670 keeps them from growing on unnoticed."""
+    ~170, and 2,640 keeps them from growing on unnoticed (2,670 until evaluate.py's record files moved to
+    plumbing/runs.py, whose budget grew by the same ~30 lines)."""
     sizes = {f: code_lines(ROOT / f) for f in STAGES}
     assert all(n <= (650 if f == "rewards.py" else 500) for f, n in sizes.items()), sizes
-    assert sum(sizes.values()) <= 2670, sizes
-    assert sum(code_lines(p) for p in (ROOT / "plumbing").glob("*.py")) <= 700
+    assert sum(sizes.values()) <= 2640, sizes
+    assert sum(code_lines(p) for p in (ROOT / "plumbing").glob("*.py")) <= 735
     long = []
     for name, path in modules().items():
         if not name.startswith("bench."):
