@@ -103,19 +103,35 @@ def test_function_local_imports_are_marked_heavy_or_optional():
 
 
 def code_lines(path):
-    return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#"))
+    """Lines of code: not blank, not a comment, not inside a module's, class's or function's docstring (the brief's
+    measure: a file is read for its code; its prose is not what makes it long)."""
+    source = path.read_text()
+    docs = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body and \
+                isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            docs.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    return sum(1 for i, line in enumerate(source.splitlines(), 1)
+               if line.strip() and not line.strip().startswith("#") and i not in docs)
+
+
+def test_code_lines_leave_out_docstrings_comments_and_blank_lines(tmp_path):
+    """The measure on a file counted by hand: 3 lines of code among a docstring, comments and blank lines."""
+    (tmp_path / "m.py").write_text('"""Module.\n\nMore."""\n# a comment\n\ndef f(x):\n    """Doc."""\n'
+                                   '    y = x  # trailing comments keep their line\n\n    return y\n')
+    assert code_lines(tmp_path / "m.py") == 3
 
 
 def test_stage_files_and_functions_stay_readable():
-    """Each stage file at most 500 non-blank, non-comment lines (rewards.py, a LaTeX translator, 650), plumbing/ at
-    most 735; no function longer than 60 lines outside bench/. All six stage files: the split into plumbing/ took
-    them from 2,943 to 2,487 under a goal of 2,500; the flag checks, the slot-cache engine and --compile since added
-    ~170, and 2,640 keeps them from growing on unnoticed (2,670 until evaluate.py's record files moved to
-    plumbing/runs.py, whose budget grew by the same ~30 lines)."""
+    """The brief's budget, in code lines (above): each stage file at most 450 (rewards.py, a LaTeX translator and
+    the benchmarks' own parsers, 750), all six at most 2,800, each plumbing module at most 300; no function longer
+    than 60 lines (docstring included) outside bench/. Past these a file or function is doing two jobs."""
     sizes = {f: code_lines(ROOT / f) for f in STAGES}
-    assert all(n <= (650 if f == "rewards.py" else 500) for f, n in sizes.items()), sizes
-    assert sum(sizes.values()) <= 2640, sizes
-    assert sum(code_lines(p) for p in (ROOT / "plumbing").glob("*.py")) <= 735
+    assert all(n <= (750 if f == "rewards.py" else 450) for f, n in sizes.items()), sizes
+    assert sum(sizes.values()) <= 2800, sizes
+    plumbing = {p.name: code_lines(p) for p in (ROOT / "plumbing").glob("*.py")}
+    assert all(n <= 300 for n in plumbing.values()), plumbing
     long = []
     for name, path in modules().items():
         if not name.startswith("bench."):
