@@ -31,7 +31,7 @@ from pathlib import Path
 # torch, transformers, PIL and the token file (torch) are imported where they are used, each marked "heavy":
 # `import data` stays light for the processes that only read rows (a test holds it to that).
 
-from plumbing.cli import POSITIVE_INT, DataError, check_model_dir, cli, cli_parser
+from plumbing.cli import POSITIVE_INT, DataError, check_model_dir, cli, cli_parser, hub_id
 from toy import tiny
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,6 +69,13 @@ BASE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 TOY = {"sft": TOY_DIR / "sft.jsonl", "rl": TOY_DIR / "rl.json", "mathvista": TOY_DIR / "mathvista.json"}
 CACHE = Path(os.environ.get("XREASONER_CACHE", Path.home() / ".cache" / "x-reasoner"))
+
+
+def cache_error(e):
+    """The one line for a cache that cannot be written (read-only, full, not a directory), naming where it is
+    and the variable that moves it."""
+    where = f"XREASONER_CACHE={CACHE}" if "XREASONER_CACHE" in os.environ else f"the cache {CACHE}"
+    return DataError(f"{where} cannot be written ({e.strerror or e}): point XREASONER_CACHE at a writable directory")
 IM_END = "<|im_end|>"
 
 
@@ -83,7 +90,7 @@ def read_rows(source, split="train", toy=None, config=None):
     if path.is_file():
         if path.suffix == ".json":
             try:
-                rows = json.loads(path.read_text())
+                rows = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is no part of the JSON
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{source} is not valid JSON ({getattr(e, 'msg', e)}, line {getattr(e, 'lineno', 1)})")
             return list(rows.values()) if isinstance(rows, dict) else rows  # MathVista: {pid: row}
@@ -100,6 +107,8 @@ def read_rows(source, split="train", toy=None, config=None):
                 local.parent.mkdir(parents=True, exist_ok=True)
                 urllib.request.urlretrieve(source, str(local) + ".part")
                 os.replace(str(local) + ".part", local)  # a half download never looks complete
+            except PermissionError as e:
+                raise cache_error(e) from None
             except OSError as e:
                 raise DataError(f"cannot download {source} ({e}); download it yourself and pass the path") from e
         return read_rows(str(local))
@@ -132,7 +141,7 @@ def write_jsonl(path, rows):
 def iter_jsonl(path):
     """The rows of a JSONL file one at a time; a line that is not JSON becomes a ValueError naming file and line,
     which convert_rows counts as a malformed row instead of stopping."""
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is not part of line 1
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -158,10 +167,10 @@ def convert_rows(rows, parse, what):
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:  # OSError: images
             bad += 1
             first_error = first_error or f"{type(e).__name__}: {e}"
+    if not out:  # one line: the error says the count
+        raise DataError(f"{what}: no usable rows ({bad} malformed; first: {first_error})")
     if bad:
         print(f"{what}: skipped {bad} of {bad + len(out)} malformed rows (first: {first_error})", file=sys.stderr)
-    if not out:
-        raise DataError(f"{what}: no usable rows ({bad} malformed; first: {first_error})")
     return out
 
 
@@ -206,17 +215,22 @@ def options_list(value):
 
 
 def load_image(value, root=None):
-    """An RGB PIL image from a decoded hub image, a {bytes, path} dict or a path (relative to `root`)."""
+    """An RGB PIL image from a decoded hub image, a {bytes, path} dict or a path (relative to `root`). An image
+    that is missing, truncated or not an image is a ValueError naming it: the row is counted and skipped."""
     from PIL import Image  # heavy
     if hasattr(value, "convert"):
         return value.convert("RGB")
-    if isinstance(value, dict) and value.get("bytes"):
-        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-    path = Path(value["path"] if isinstance(value, dict) else value)
-    path = path if path.is_absolute() or root is None else Path(root) / path
-    if not path.is_file():
-        raise FileNotFoundError(f"missing image {path}")
-    return Image.open(path).convert("RGB")
+    embedded = isinstance(value, dict) and value.get("bytes")
+    path = Path(value["path"] if isinstance(value, dict) and value.get("path") else "(embedded)" if embedded
+                else value)
+    path = path if embedded or path.is_absolute() or root is None else Path(root) / path
+    if not embedded and not path.is_file():
+        raise ValueError(f"image {path} is missing")
+    try:  # convert() decodes the whole image: a truncated file fails here, not later in a batch
+        return Image.open(io.BytesIO(value["bytes"]) if embedded else path).convert("RGB")
+    except OSError as e:  # PIL's truncated-file and unidentified-image errors name no file
+        problem = "is truncated" if "truncated" in str(e) else f"cannot be read ({e})"
+        raise ValueError(f"image {path} {problem}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,6 +369,8 @@ def load_sft_data(source, processor, max_len=4096, build=True, wait=None, report
                          meta={"source": str(source), "max_len": max_len})
         except DataError as e:  # every rank must still reach wait(), or the others would hang
             error = e
+        except OSError as e:
+            error = cache_error(e)
     if wait is not None and wait(error is not None):
         raise error or DataError(f"sft data: preparing {source} failed on another rank (its error says why)")
     if error:
@@ -515,26 +531,52 @@ def tiny_corpus():
 
 
 def check_model(name):
-    """Before anything loads: a --model that cannot load fails in one line; `tiny` is built on first use."""
-    if name not in TINY:
-        check_model_dir(name)
-    elif name == "tiny-qwen" and not all((QWEN_FILES / f).is_file() for f in ("vocab.json", "merges.txt")):
-        raise DataError(f"tiny-qwen needs Qwen2's vocab.json and merges.txt in {QWEN_FILES} (or set QWEN2_TOKENIZER)")
+    """Before anything loads: a --model that cannot load fails in one line; `tiny` is built on first use. Returns
+    the model to load: a run directory (runs/sft) stands for its final checkpoint (runs/sft/final)."""
+    if name in TINY:
+        if name == "tiny-qwen" and not all((QWEN_FILES / f).is_file() for f in ("vocab.json", "merges.txt")):
+            raise DataError(f"tiny-qwen needs Qwen2's vocab.json and merges.txt in {QWEN_FILES} (or set "
+                            f"QWEN2_TOKENIZER)")
+        return name
+    final = Path(name) / "final"
+    if not (Path(name) / "config.json").exists() and (final / "config.json").exists():
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--model {name} is a run directory: loading its final checkpoint, {final}", file=sys.stderr)
+        name = str(final)
+    check_model_dir(name)
+    return name
 
 
 def resolve_model(name):
     """A path or hub id for from_pretrained; the tiny models are built on first use (toy/tiny.py)."""
-    check_model(name)
-    return tiny.ensure(name, CACHE, tiny_corpus(), QWEN_FILES) if name in TINY else name
+    name = check_model(name)
+    if name not in TINY:
+        return name
+    try:
+        return tiny.ensure(name, CACHE, tiny_corpus(), QWEN_FILES)
+    except OSError as e:
+        raise cache_error(e) from None
+
+
+def from_disk(path, what, load):
+    """load() a model, config or processor from `path`; what fails is one line. A checkpoint deleted after
+    check_model passed it (another job pruning it, say) reaches from_pretrained as a path that is not there, which
+    transformers takes for a malformed hub id ("Repo id must be in the form ..."): we say what happened."""
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        if not Path(path).exists() and not hub_id(path) and path not in TINY:
+            raise DataError(f"--model {path}: the directory vanished while the {what} loaded (deleted or moved by "
+                            f"another process?)") from None
+        if isinstance(e, OSError):
+            raise DataError(f"cannot load {what} {path!r}: {str(e).splitlines()[0]}") from e
+        raise
 
 
 def load_processor(name):
     from transformers import AutoProcessor  # heavy
     path = resolve_model(name)
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except OSError as e:
-        raise DataError(f"cannot load processor {name!r}: {str(e).splitlines()[0]}") from e
+    processor = from_disk(path, "processor", lambda: AutoProcessor.from_pretrained(path))
     tokenizer_of(processor).padding_side = "left"
     return processor
 
@@ -558,10 +600,8 @@ def load_model(name, dtype=None, device="cpu", progress=False):
     from transformers.utils import logging  # heavy
     logging.enable_progress_bar() if progress else logging.disable_progress_bar()
     path = resolve_model(name)
-    try:
-        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype or torch.float32)
-    except OSError as e:
-        raise DataError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    model = from_disk(path, "model", lambda: model_class(AutoConfig.from_pretrained(path)).from_pretrained(
+        path, dtype=dtype or torch.float32))
     return model.to(device)
 
 
@@ -571,11 +611,8 @@ def model_from_config(name, dtype=None):
     import torch  # heavy
     from transformers import AutoConfig, GenerationConfig  # heavy
     path = resolve_model(name)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        model = model_class(config)._from_config(config, dtype=dtype or torch.float32)
-    except OSError as e:
-        raise DataError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    config = from_disk(path, "config", lambda: AutoConfig.from_pretrained(path))
+    model = model_class(config)._from_config(config, dtype=dtype or torch.float32)
     try:
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:

@@ -367,7 +367,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     benches, given = requested(args)
-    data.check_model(args.model)
+    args.model = data.check_model(args.model)
     rank, world, device = setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = data.load_model(args.model, dtype=dtype, device=device, progress=rank == 0).eval()
@@ -404,7 +404,7 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     done = open_records(Path(args.out), bench, args, rank)
     todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = Path(args.out) / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
-    decoded = {"decode_forwards": 0, "live": 0.0, "slots": 0}  # slot occupancy = live / slots over decode steps
+    decoded = {"decode_forwards": 0, "live": 0.0, "slots": 0, "generated": len(todo)}  # occupancy: live / slots
     with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
         if f.tell() and not path.read_bytes().endswith(b"\n"):
             f.write("\n")  # end the line a crash cut short; runs.read_records skips it
@@ -418,8 +418,8 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
                                    think_budget=args.think_budget or None, answer_budget=args.answer_budget,
                                    batch_size=args.batch_size, stats=s, compile=args.compile)
             n = s.get("decode_forwards", 0) * min(args.batch_size, len(part))
-            decoded = {"decode_forwards": decoded["decode_forwards"] + s.get("decode_forwards", 0),
-                       "live": decoded["live"] + n * s.get("occupancy", 0), "slots": decoded["slots"] + n}
+            decoded |= {"decode_forwards": decoded["decode_forwards"] + s.get("decode_forwards", 0),
+                        "live": decoded["live"] + n * s.get("occupancy", 0), "slots": decoded["slots"] + n}
             for (t, k), prompt, c in zip(part, prompts, completions):
                 extracted, correct = judge(bench, c.text, t["row"])
                 f.write(json.dumps({"id": t["id"], "sample": k, "prompt": prompt, "images": 0 if args.no_image else
@@ -439,7 +439,9 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
             by_id.setdefault(r["id"], []).append(r["correct"])
         runs.write_solvable(args.text_solvable_out, bench,
                             sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
+    # the decoding of this call: after a resume it generated only the samples missing from the records
     return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint,
+                                                               "generated": int(decoded["generated"]),
                                                                "decode_forwards": int(decoded["decode_forwards"]),
                                                                "occupancy": decoded["live"] / max(decoded["slots"], 1)}
 
@@ -455,7 +457,7 @@ def prompt_text(bench, t, template=None):
 def requested(args):
     """The benchmarks asked for, and where each one's rows come from (--data; the hub where not given)."""
     benches = [b for b in BENCHMARKS if b != "custom"] if args.bench == "all" else \
-        [b.strip() for b in args.bench.split(",") if b.strip()]  # all: the paper's benchmarks
+        list(dict.fromkeys(b.strip() for b in args.bench.split(",") if b.strip()))  # all: the paper's; each once
     if unknown := [b for b in benches if b not in BENCHMARKS]:
         raise DataError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     if not benches:

@@ -491,16 +491,19 @@ def parse_args(argv=None):
 
 
 def input_row(row):
-    """One --input row; a lone surrogate (JSON's "\\ud800") cannot be tokenized: the row is counted and skipped."""
-    return row | {"prompt": str(row["prompt"]).encode("utf-8").decode(), "images": row.get("images") or []}
+    """One --input row with its images read; a missing or unreadable image, or a lone surrogate (JSON's "\\ud800",
+    which cannot be tokenized), is a malformed row: counted and skipped."""
+    images = row.get("images") or []
+    return row | {"prompt": str(row["prompt"]).encode("utf-8").decode(), "images": images,
+                  "pictures": [data.load_image(p) for p in images]}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    data.check_model(args.model)
+    args.model = data.check_model(args.model)
     if not args.distil:  # bad rows are counted and skipped before the model loads
         rows = data.read_rows(args.input) if args.input else [{"prompt": args.prompt, "images": args.image}]
-        rows = data.convert_rows(rows, input_row, "--input")
+        rows = data.convert_rows(rows, input_row, "--input" if args.input else "--prompt")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
@@ -515,12 +518,12 @@ def main(argv=None):
                                          "none": " (the message as given)"}.get(args.template, " (appendix C)"),
           file=sys.stderr)
     try:
-        conversations = [[data.user_message(data.eval_prompt(r["prompt"], None, args.template),
-                                            [data.load_image(p) for p in r["images"]])] for r in rows]
+        conversations = [[data.user_message(data.eval_prompt(r["prompt"], None, args.template), r.pop("pictures"))]
+                         for r in rows]
         stats = {}
         completions = generate(model, processor, conversations, seed=args.seed, progress=args.input is not None,
                                stats=stats, **sampling)
-    except (ValueError, OSError) as e:  # a missing image, a prompt longer than the context
+    except ValueError as e:  # a prompt longer than the context
         raise DataError(str(e)) from e
     if args.compile:
         print(f"compile: {stats['compile_s']:.1f} s (the first decode step)", file=sys.stderr)

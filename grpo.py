@@ -43,7 +43,7 @@ import sft
 from plumbing import runs
 from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, accepting, cli,
                            cli_parser, int_at_least, toy_preset)
-from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_norm, finish, full_tensor, optimizer_state,
+from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_norm, full_tensor, optimizer_state,
                                   parked, setup_distributed, shard)
 from plumbing.runs import refuse_non_finite
 
@@ -379,7 +379,7 @@ def main(argv=None):
     total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
     # the run owns --out from here: a second run into it is refused
     with runs.locked(args.out, rank, device, lambda: runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)):
-        state = runs.load_checkpoint(policy, optimizer, args.resume, rank) if args.resume else {"step": 0}
+        state = runs.load_checkpoint(policy, optimizer, args.resume, rank, world) if args.resume else {"step": 0}
         if args.resume:
             refresh_inference_copy(policy, infer)
         runs.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
@@ -409,7 +409,6 @@ def main(argv=None):
         bar.close()
         metrics.draw()
         preempt.close()
-    finish()
     return policy
 
 
@@ -419,8 +418,8 @@ def setup(args, rank, world, device):
     preset = toy_preset(args, {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 48, "max_steps": 80,
                                "lr": 3e-4, "beta": 0.0, "micro_batch": 32, "warmup": 0.0, "save_every": 0}) \
         if args.data == "toy" else ""  # the toy sums on a CPU: reward rises, the format stays
+    args.model = data.check_model(args.model)  # first: a run directory becomes its final/, as the run records it
     runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)
-    data.check_model(args.model)
     if args.prompts_per_step % world:
         raise DataError(f"--prompts-per-step {args.prompts_per_step} is not a multiple of {world} ranks")
     torch.manual_seed(args.seed)

@@ -38,7 +38,7 @@ import generate
 from plumbing import runs
 from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, cli, cli_parser,
                            toy_preset)
-from plumbing.distributed import all_reduce_dict, any_rank, clip_grad_norm, finish, setup_distributed
+from plumbing.distributed import all_reduce_dict, any_rank, clip_grad_norm, setup_distributed
 
 # Flags that may differ on --resume: they change nothing the run computes (ours)
 MAY_CHANGE_ON_RESUME = {"max_steps", "micro_batch", "save_every", "keep", "checkpointing"}
@@ -122,7 +122,11 @@ def image_inputs(model, processor, examples, ids, mask, device):
     patch grids, and the 3-D M-RoPE positions of the whole batch, computed here (never from the model's state)."""
     if not any(e["images"] for e in examples):
         return {}
-    pictures = [data.load_image(p) for e in examples for p in e["images"]]
+    try:
+        pictures = [data.load_image(p) for e in examples for p in e["images"]]
+    except ValueError as e:  # read when the set was tokenized (unreadable rows were skipped then): changed since
+        raise DataError(f"{e} now, though it was read when the set was tokenized; restore it, or change the data "
+                        f"file so that it is tokenized again", every_rank=False) from None
     vision = processor.image_processor(images=pictures, return_tensors="pt")
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token).long(),
@@ -214,7 +218,7 @@ def main(argv=None):
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
     # the run owns --out from here: a second run into it is refused
     with runs.locked(args.out, rank, device, lambda: runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)):
-        state = runs.load_checkpoint(model, optimizer, args.resume, rank) if args.resume else {"step": 0}
+        state = runs.load_checkpoint(model, optimizer, args.resume, rank, world) if args.resume else {"step": 0}
         runs.start_run(args, "sft", rank, world, state["step"] if args.resume else None)
         metrics = runs.Metrics(args.out, rank, CURVES, f"sft.py --out {args.out}")
         preempt, step = runs.Preemption(device), state["step"]
@@ -242,7 +246,6 @@ def main(argv=None):
         bar.close()
         metrics.draw()
         preempt.close()
-    finish()
     return model
 
 
@@ -251,8 +254,8 @@ def setup(args, rank, world, device):
     micro = max(1, 10 // world)  # the toy task on a CPU: what the README demo and the tests use
     preset = toy_preset(args, {"global_batch": micro * world, "micro_batch": micro, "epochs": 36, "lr": 3e-3,
                                "lr_decay": 1.0, "save_every": 120}) if args.data == "toy" else ""
+    args.model = data.check_model(args.model)  # first: a run directory becomes its final/, as the run records it
     runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)
-    data.check_model(args.model)
     if preset and rank == 0:
         print(preset, file=sys.stderr)
     torch.manual_seed(args.seed)

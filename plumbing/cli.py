@@ -9,7 +9,12 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """Bad input the user can fix (missing file, unusable dataset, a flag out of range); printed as one line."""
+    """Bad input the user can fix (missing file, unusable dataset, a flag out of range); printed as one line.
+    `every_rank=False`: only this rank met it (e.g. an image it alone reads), so this rank says it."""
+
+    def __init__(self, message, every_rank=True):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,16 +93,31 @@ def toy_preset(args, preset):
 def cli(main):
     """Run a script's main(): bad input (DataError) ends as one line on stderr and exit status 1, no traceback;
     Ctrl-C before the training loop (which saves first, see runs.Preemption) as one line and status 130. Under
-    torchrun every rank meets the same bad input, so rank 0 alone says it, on a line of its own."""
+    torchrun every rank meets the same bad input, so rank 0 alone says it, on a line of its own; an error that
+    one rank alone meets (DataError(..., every_rank=False)) is said by that rank.
+
+    However main() ends, a process group that torchrun's ranks started is destroyed before the interpreter
+    exits: one left alive lets gloo's worker threads free tensors during the interpreter's teardown, which aborts
+    the process (SIGABRT, "terminate called without an active exception") about one exit in eight on a CPU,
+    after the results were written (pytorch/pytorch#190489)."""
     speaker = os.environ.get("RANK", "0") == "0"
     try:
         main()
     except DataError as e:
-        sys.exit(f"error: {e}" if speaker else 1)
+        sys.exit(f"error: {e}" if speaker or not e.every_rank else 1)
     except KeyboardInterrupt:
         if speaker:
             print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if "plumbing.distributed" in sys.modules:  # only a script that set up ranks imported it (and torch)
+            sys.modules["plumbing.distributed"].finish()
+
+
+def hub_id(name):
+    """A name that is no local path and reads as "org/name" (with no local directory "org" it could point into)."""
+    return (not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+            and not name.startswith(".") and not Path(name).parent.is_dir())
 
 
 def check_model_dir(name):
@@ -106,8 +126,8 @@ def check_model_dir(name):
     they must be). A hub id passes: only the hub can tell."""
     path = Path(name)
     if not path.exists():
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith(".") and not path.parent.is_dir():
-            return  # "org/name", and no local directory "org" it could be a path into
+        if hub_id(name):
+            return
         raise DataError(f"--model {name}: no such directory, and not a hub id")
     if not path.is_dir():
         raise DataError(f"--model {name}: not a directory")

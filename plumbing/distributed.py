@@ -29,8 +29,9 @@ def shard(items, rank, world):
 
 
 def finish():
-    """The end of a run under torchrun. A world of one started in this process stays up: what the run returns
-    (an FSDP model) still computes, and the next run in the same process reuses the group."""
+    """The end of a run under torchrun (plumbing.cli.cli calls it however main() ends). A world of one started in
+    this process stays up: what the run returns (an FSDP model) still computes, and the next run in the same
+    process reuses the group."""
     if dist.is_initialized() and "WORLD_SIZE" in os.environ:
         dist.destroy_process_group()
 

@@ -78,6 +78,10 @@ def check_run_dir(args, may_change=()):
                             f"pass --allow-changes to continue anyway")
         if changed:
             print(f"resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+        final = out / "final"
+        if final.exists() and final.resolve() != Path(args.resume).resolve() and not args.overwrite:
+            raise DataError(f"--out {out} holds a finished run (final/): resuming it from {args.resume} would train "
+                            f"again and replace final/; pass --overwrite to do so, or give another --out")
     elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
         saved = step_dirs(out) + sorted(out.glob("final"))
         hint = f"continue it with --resume {saved[-1]}, or " if saved and not (out / "final").exists() else ""
@@ -214,18 +218,27 @@ def save_checkpoint(model, optimizer, processor, path, state, rank, resumable=Tr
     barrier()
 
 
-def load_checkpoint(model, optimizer, path, rank):
-    """Restore model, optimizer and RNG from save_checkpoint(); returns the saved `state` dict."""
+def load_checkpoint(model, optimizer, path, rank, world):
+    """Restore model, optimizer and RNG from save_checkpoint(); returns the saved `state` dict. The sharded state
+    loads on any number of ranks (torch.distributed.checkpoint reshards it)."""
     path = Path(path)
+    state = json.loads((path / "train_state.json").read_text())
+    saved = state.get("world", world)
+    if saved != world and rank == 0:
+        print(f"resuming a run of {saved} rank(s) on {world}: the data order and the rollout seeds do not depend on "
+              f"the number of ranks, so the run goes on as it would have; only sums over ranks are taken in another "
+              f"order, so the weights follow an uninterrupted run to float rounding, not bit for bit", file=sys.stderr)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     bundle = {"model": model_sd, "optim": optim_sd}
     with quiet_dcp():
         dcp.load(bundle, checkpoint_id=str(path / "train_state"))
     set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
-    rng = torch.load(path / f"rng_{rank}.pt", weights_only=False)
+    # a rank the saved run did not have takes rank 0's generators: every sampler in the method is seeded on its
+    # own (data order, rollouts), so the global ones carry nothing a rank needs for itself
+    rng = torch.load(path / f"rng_{rank if rank < saved else 0}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    return json.loads((path / "train_state.json").read_text())
+    return state
 
 
 def prune_checkpoints(out, keep):
@@ -267,8 +280,9 @@ def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, d
         final = step == total and not stop
         path = Path(args.out) / ("final" if final else f"step_{step}")
         # final holds the weights alone (the optimizer state is twice their size) unless --final-state
-        save_checkpoint(model, optimizer, processor, path, {"step": step, "args": settings(args)}, rank,
-                        resumable=not final or args.final_state)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        save_checkpoint(model, optimizer, processor, path, {"step": step, "world": world, "args": settings(args)},
+                        rank, resumable=not final or args.final_state)
         if rank == 0:
             prune_checkpoints(Path(args.out), args.keep)
             tqdm.write(f"saved {path}" + (f"; continue with --resume {path}" if stop else ""), file=sys.stderr)
@@ -382,7 +396,7 @@ def read_ids(paths, bench):
     "bench<TAB>id" (as --text-solvable-out writes them)."""
     ids = set()
     for path in paths:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first id
         if text.lstrip().startswith("["):
             ids |= set(map(str, json.loads(text)))
             continue

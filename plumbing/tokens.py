@@ -30,7 +30,7 @@ def _tokenize_chunk(rows):
             if isinstance(row, Exception):  # a line that could not even be read
                 raise row
             e = _WORKER["tokenize"](row, *_WORKER["args"])
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as err:  # OSError: files
             out.append(f"{type(err).__name__}: {err}")
             continue
         start = next(i for i, label in enumerate(e["labels"]) if label != -100)
@@ -49,7 +49,8 @@ def _chunks(rows, size=256):
 def build(rows, tokenize, args, path, what, meta=None, processes=None):
     """tokenize(row, *args) -> {input_ids, labels, truncated, images} for every row, into path/tokens.bin (int32,
     concatenated), path/index.pt ((N, 3): offset, length, first labeled position) and path/meta.json; written
-    aside, then renamed; `meta` is recorded beside the counts. Malformed rows are counted and skipped."""
+    aside, then renamed; `meta` is recorded beside the counts. Malformed rows are counted and skipped. A build
+    that fails or is interrupted leaves nothing in the cache: the aside directory is removed whatever happens."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     _init_worker(tokenize, args)
@@ -61,35 +62,38 @@ def build(rows, tokenize, args, path, what, meta=None, processes=None):
     pool = multiprocessing.get_context("forkserver").Pool(
         processes or min(8, os.cpu_count() or 1), _init_worker, (tokenize, args)) if len(head) == 2048 else None
     index, images, bad, first_error, truncated, offset = [], {}, 0, None, 0, 0
-    with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar:
-        chunks = _chunks(itertools.chain(head, rows))
-        for results in (pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)):
-            for r in results:
-                if isinstance(r, str):
-                    bad, first_error = bad + 1, first_error or r
-                    continue
-                f.write(r[0])
-                if r[4]:
-                    images[len(index)] = r[4]
-                index.append((offset, r[1], r[2]))
-                offset, truncated = offset + r[1], truncated + r[3]
-            bar.update(len(results))
-    if pool:
-        pool.close()
-        pool.join()
-    if not index:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{what}: no usable rows ({bad} malformed; first: {first_error})")
-    if bad:
-        print(f"{what}: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})", file=sys.stderr)
-    torch.save(torch.tensor(index, dtype=torch.int64), tmp / "index.pt")
-    if images:  # example index -> its image paths, read again when a batch is made
-        (tmp / "images.json").write_text(json.dumps(images))
-    (tmp / "meta.json").write_text(json.dumps((meta or {}) | {"examples": len(index), "tokens": offset,
-                                                            "truncated": truncated, "skipped": bad}))
     try:
+        with open(tmp / "tokens.bin", "wb") as f, tqdm(desc="tokenize", unit=" rows", mininterval=5, delay=2) as bar:
+            chunks = _chunks(itertools.chain(head, rows))
+            for results in (pool.imap(_tokenize_chunk, chunks) if pool else map(_tokenize_chunk, chunks)):
+                for r in results:
+                    if isinstance(r, str):
+                        bad, first_error = bad + 1, first_error or r
+                        continue
+                    f.write(r[0])
+                    if r[4]:
+                        images[len(index)] = r[4]
+                    index.append((offset, r[1], r[2]))
+                    offset, truncated = offset + r[1], truncated + r[3]
+                bar.update(len(results))
+        if not index:
+            raise DataError(f"{what}: no usable rows ({bad} malformed; first: {first_error})")
+        if bad:
+            print(f"{what}: skipped {bad} of {bad + len(index)} malformed rows (first: {first_error})",
+                  file=sys.stderr)
+        torch.save(torch.tensor(index, dtype=torch.int64), tmp / "index.pt")
+        if images:  # example index -> its image paths, read again when a batch is made
+            (tmp / "images.json").write_text(json.dumps(images))
+        (tmp / "meta.json").write_text(json.dumps((meta or {}) | {"examples": len(index), "tokens": offset,
+                                                                "truncated": truncated, "skipped": bad}))
         os.rename(tmp, path)
-    except OSError:  # another machine sharing this cache finished first; its files are the same
+    except OSError:
+        if not (path / "meta.json").exists():  # not just another machine sharing this cache finishing first
+            raise
+    finally:
+        if pool:
+            pool.terminate()  # idle once the results are in; at once if the build failed
+            pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,6 +1,8 @@
 """Shared fixtures: the tiny Qwen2.5-VL checkpoint (built once per machine, read through from_pretrained)."""
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,36 @@ def cli_error(main, argv, capsys):
     code = exc.value.code
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     return (1, lines + [code]) if isinstance(code, str) else (code, lines)
+
+
+# A script run as its command line runs it, each process recording at interpreter exit whether its process group
+# is still alive. One left alive aborts the teardown about one exit in eight (gloo, SIGABRT after the results are
+# written: plumbing.cli.cli), so an exit status alone passes by luck; this record does not.
+EXIT_PROBE = """
+import atexit, os, runpy, sys
+if __name__ == "__main__":  # worker processes (forkserver) import this file again: they must not rerun it
+    script, record = sys.argv[1], sys.argv[2]
+    sys.argv = [script, *sys.argv[3:]]
+    sys.path.insert(0, os.getcwd())
+
+    def at_exit():
+        import torch.distributed as dist
+        with open(f"{record}.rank{os.environ.get('RANK', '0')}", "w") as f:
+            f.write("alive" if dist.is_available() and dist.is_initialized() else "destroyed")
+    atexit.register(at_exit)
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
+def torchrun(script, args, nproc=2, timeout=300, env=None):
+    """`torchrun --standalone --nproc_per_node nproc script args` (plain `python` for 1), from the repository root:
+    (the CompletedProcess, {rank: "alive" or "destroyed"}: each rank's process group at interpreter exit)."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="exit-probe-"))
+    (probe_dir / "probe.py").write_text(EXIT_PROBE)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    r = subprocess.run([*launcher, str(probe_dir / "probe.py"), script, str(probe_dir / "pg"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    at_exit = {int(f.suffix[5:]): f.read_text() for f in probe_dir.glob("pg.rank*")}
+    return r, at_exit

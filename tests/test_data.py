@@ -215,3 +215,131 @@ def test_tiny_build_is_deterministic(tiny_path, tmp_path):
     assert (tmp_path / "tokenizer.json").read_text() == (data.Path(tiny_path) / "tokenizer.json").read_text()
     a, b = load_file(tmp_path / "model.safetensors"), load_file(data.Path(tiny_path) / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files that are not what they should be: images, a byte-order mark, a cache that cannot be written, a checkpoint
+# that vanishes while it loads, a run directory given for a checkpoint
+
+def bad_images(tmp_path):
+    """(a readable image, a missing one, a PNG cut in half as an interrupted copy leaves it, a text file named .png)."""
+    good, missing, cut, text = (tmp_path / n for n in ("good.png", "missing.png", "cut.png", "text.png"))
+    Image.effect_noise((64, 64), 60).convert("RGB").save(good)  # noise: a file too large to be all header
+    cut.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    text.write_text("not an image")
+    return good, missing, cut, text
+
+
+def test_a_bad_image_is_named_in_its_error(tmp_path):
+    """PIL says "image file is truncated" and names no file; the row's error must say which image it was."""
+    good, missing, cut, text = bad_images(tmp_path)
+    assert data.load_image(good).size == (64, 64)
+    for path, says in ((missing, "is missing"), (cut, "is truncated"), (text, "cannot be read (cannot identify")):
+        with pytest.raises(ValueError) as e:
+            data.load_image(path)
+        assert str(e.value).startswith(f"image {path} {says}")
+
+
+def test_sft_rows_with_bad_images_are_skipped_by_name_and_leave_no_temporary_files(processor, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """One row a good image, three bad: one example, the skip counted with the first bad file named; all bad: one
+    DataError. Neither, nor a tokenization interrupted half-way, leaves a hidden directory in the cache."""
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    images = bad_images(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": "Read <image 1>."}, {"role": "assistant", "content": "12"}],
+             "images": [p.name]} for p in images]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(data.load_sft_data(str(path), processor)) == 1
+    assert (f"sft data: skipped 3 of 4 malformed rows (first: ValueError: image {images[1]} is missing)"
+            in capsys.readouterr().err)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    with pytest.raises(data.DataError, match=f"no usable rows \\(2 malformed; first: ValueError: image {images[2]} "
+                                             f"is truncated\\)"):
+        data.load_sft_data(str(path), processor)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "sft_row", interrupted)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(KeyboardInterrupt):
+        data.load_sft_data(str(path), processor)
+    assert not data.sft_cache(str(path), processor, 4096).exists()  # the interrupted set is not in the cache
+    assert [p.name for p in (tmp_path / "cache" / "sft").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    """Windows editors start UTF-8 files with U+FEFF: read as text, it made JSON invalid and JSONL's first line a
+    malformed row (dropped, exit 0). Both read every row."""
+    rows = [{"question": "What is 1+1?", "answer": "2"}, {"question": "What is 2+2?", "answer": "4"}]
+    (tmp_path / "rl.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    (tmp_path / "rl.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    for name in ("rl.json", "rl.jsonl"):
+        assert [r["answer"] for r in data.load_rl_data(str(tmp_path / name))] == ["2", "4"]
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """The cache is written when the tiny model is first built. Not a directory (a file is in its way), or not
+    writable: the line names the directory and XREASONER_CACHE. (Tests run as root, whom file modes do not stop,
+    so the refusal of a read-only directory is made where the kernel would make it: os.mkdir.)"""
+    import os
+    import sft
+    from conftest import cli_error
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    monkeypatch.setenv("XREASONER_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(data, "CACHE", blocked / "cache")
+    argv = ["--model", "tiny", "--data", "toy", "--out", str(tmp_path / "out")]
+    status, lines = cli_error(sft.main, argv, capsys)
+    assert (status, [l for l in lines if "error" in l.lower()]) == (1, [
+        f"error: XREASONER_CACHE={blocked / 'cache'} cannot be written (Not a directory): point XREASONER_CACHE at a "
+        f"writable directory"])
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", refuse)
+    monkeypatch.setenv("XREASONER_CACHE", str(read_only))
+    monkeypatch.setattr(data, "CACHE", read_only)
+    status, lines = cli_error(sft.main, argv, capsys)
+    assert (status, [l for l in lines if "error" in l.lower()]) == (1, [
+        f"error: XREASONER_CACHE={read_only} cannot be written (Permission denied): point XREASONER_CACHE at a "
+        f"writable directory"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_vanishes_while_loading_says_so(tiny_path, tmp_path, monkeypatch):
+    """check_model passed the directory; it is deleted before from_pretrained reads it (another job pruned it).
+    transformers then takes the path for a malformed hub id; the error says the directory vanished."""
+    import shutil
+    import transformers
+    copy = tmp_path / "ckpt" / "final"
+    shutil.copytree(tiny_path, copy)
+    real = transformers.AutoConfig.from_pretrained
+
+    def deleted_first(path, *args, **kwargs):
+        shutil.rmtree(copy, ignore_errors=True)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", deleted_first)
+    with pytest.raises(data.DataError) as e:
+        data.load_model(str(copy))
+    assert str(e.value) == (f"--model {copy}: the directory vanished while the model loaded (deleted or moved by "
+                            f"another process?)")
+
+
+def test_a_run_directory_stands_for_its_final_checkpoint(tiny_path, tmp_path, capsys):
+    """`--model runs/sft` (what a user types after SFT) loads runs/sft/final and says so; a directory with neither
+    a config nor a final/ is still refused."""
+    import shutil
+    shutil.copytree(tiny_path, tmp_path / "run" / "final")
+    assert data.check_model(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
+    assert capsys.readouterr().err == (f"--model {tmp_path / 'run'} is a run directory: loading its final "
+                                       f"checkpoint, {tmp_path / 'run' / 'final'}\n")
+    assert data.check_model(str(tmp_path / "run" / "final")) == str(tmp_path / "run" / "final")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no config.json"):
+        data.check_model(str(tmp_path / "empty"))

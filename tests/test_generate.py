@@ -159,6 +159,27 @@ def test_cli_prompt(tiny_path, tmp_path):
     assert row["num_tokens"] == 5 and row["finish_reason"] == "length"
 
 
+def test_an_input_row_with_a_bad_image_is_skipped_by_name(tiny_path, tmp_path, capsys):
+    """--input: a row whose image is missing is counted and skipped, the file named, and the other rows are
+    answered (it used to end the whole run); a --prompt whose one image is missing is one error line."""
+    import json
+    import generate
+    from conftest import cli_error
+    Image.new("RGB", (60, 60)).save(tmp_path / "x.png")
+    rows = [{"prompt": "hi", "images": [str(tmp_path / "x.png")]}, {"prompt": "ho", "images": [str(tmp_path / "no.png")]},
+            {"prompt": "text only"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    generate.main(["--model", tiny_path, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                   "--max-new-tokens", "3"])
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["hi", "text only"]
+    assert (f"--input: skipped 1 of 3 malformed rows (first: ValueError: image {tmp_path / 'no.png'} is missing)"
+            in capsys.readouterr().err)
+    status, lines = cli_error(generate.main, ["--model", tiny_path, "--prompt", "hi", "--image", str(tmp_path / "no.png")],
+                              capsys)
+    assert (status, lines) == (1, [f"error: --prompt: no usable rows (1 malformed; first: ValueError: image "
+                                   f"{tmp_path / 'no.png'} is missing)"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # A text-only teacher (QwQ-32B's shape) and distillation for X-Reasoner-Med (§3.2)
 

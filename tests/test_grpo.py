@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import torchrun
 
 import data
 import generate
@@ -183,10 +184,11 @@ def test_logprobs_after_generation_ignore_cached_rotary_state(model, processor):
 
 
 def run(args, nproc):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1
-           else [sys.executable]) + ["grpo.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """grpo.py as its command line runs it; under torchrun no rank may leave its process group alive at exit."""
+    r, at_exit = torchrun("grpo.py", args, nproc)
+    if nproc > 1 and r.returncode == 0:
+        assert at_exit == {k: "destroyed" for k in range(nproc)}, at_exit
+    return r
 
 
 def test_two_ranks_match_one_process(sft_tiny, tmp_path):

@@ -1,11 +1,13 @@
 import json
-from pathlib import Path
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_error, snapshot, torchrun
 
 import data
 import sft
@@ -16,10 +18,12 @@ ARGS = ["--model", "tiny", "--data", "toy", "--global-batch", "8", "--lr", "1e-3
 
 
 def run(args, nproc=1):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1
-           else [sys.executable]) + ["sft.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    """sft.py as its command line runs it; under torchrun every rank must have destroyed its process group by the
+    time the interpreter exits (plumbing.cli), or the exit status would be right only by luck."""
+    r, at_exit = torchrun("sft.py", args, nproc)
+    if nproc > 1 and r.returncode == 0:
+        assert at_exit == {k: "destroyed" for k in range(nproc)}, at_exit
+    return r
 
 
 def losses(out):
@@ -148,7 +152,6 @@ BAD = ["missing_model", "truncated_weights", "bad_config", "out_is_a_file", "out
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys, case):
-    from conftest import cli_error, snapshot
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"conversations": [{"from": "user", "value": "q"}]}) + "\n")
     finished, weights_alone = tmp_path / "finished", tmp_path / "weights_alone"
@@ -204,9 +207,10 @@ def test_run_directories_refuse_overwrite_and_resume(tmp_path, capsys):
         sft.main([*common, "--out", str(out)])
     sft.main([*common, "--out", str(out), "--overwrite"])  # replaced, not appended to
     assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
-    # a run cut off after step 3 (checkpoint at 2): its metrics hold steps 1-3; the resume redoes step 3 once
+    # a run cut off after step 3 (checkpoint at 2): no final/, its metrics hold steps 1-3; the resume redoes step 3
     rows = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    shutil.rmtree(out / "final")
     sft.main([*common, "--out", str(out), "--resume", str(out / "step_2")])
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -557,3 +561,99 @@ def test_ctrl_c_saves_a_resumable_checkpoint_like_sigterm(tmp_path):
     last = max(tmp_path.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
     assert f"saved {last}; continue with --resume {last}" in err
     assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A newcomer's inputs: bad images, a finished run resumed, another world size, SIGTERM under torchrun
+
+def test_a_bad_image_costs_its_row_not_the_run(tmp_path):
+    """Two image rows whose images are missing and truncated among four good rows: the run trains on the four,
+    and the line the user reads names the first bad file (it used to stop with FileNotFoundError or PIL's
+    "image file is truncated", naming no file)."""
+    from PIL import Image
+    path = image_rows(tmp_path)
+    Image.effect_noise((64, 64), 60).convert("RGB").save(tmp_path / "noise.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "noise.png").read_bytes()[:3000])
+    bad = [{"messages": [{"role": "user", "content": "Read <image 1>."}, {"role": "assistant", "content": "1"}],
+            "images": [name]} for name in ("gone.png", "cut.png")]
+    path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in bad))
+    r = run(["--model", "tiny", "--data", str(path), "--global-batch", "2", "--micro-batch", "1", "--max-steps", "2",
+             "--train-vision", "--out", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"sft data: skipped 2 of 6 malformed rows (first: ValueError: image {tmp_path / 'gone.png'} is missing)"
+            in r.stderr.splitlines())
+    assert (tmp_path / "o" / "final" / "config.json").exists()
+
+
+def test_a_finished_run_is_not_trained_again_by_a_resume(tmp_path, capsys):
+    """--resume out/step_2 of a run whose final/ exists would train steps 3-4 again and replace final/: refused,
+    nothing written, unless --overwrite. Resuming from final/ itself (to train longer) stays allowed."""
+    out = tmp_path / "run"
+    common = [*ARGS, "--micro-batch", "4", "--save-every", "2", "--max-steps", "4", "--keep", "0", "--out", str(out)]
+    sft.main(common)
+    before, _ = snapshot(out), capsys.readouterr()
+    status, lines = cli_error(sft.main, [*common, "--resume", str(out / "step_2")], capsys)
+    assert (status, lines[-1]) == (1, f"error: --out {out} holds a finished run (final/): resuming it from "
+                                      f"{out / 'step_2'} would train again and replace final/; pass --overwrite to do "
+                                      f"so, or give another --out")
+    assert not [line for line in lines if line.startswith(("sft:", "Loading"))]  # refused before anything loads
+    assert snapshot(out) == before
+    sft.main([*common, "--resume", str(out / "step_2"), "--overwrite"])
+    assert json.loads((out / "final" / "train_state.json").read_text())["step"] == 4
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_a_resume_on_another_number_of_ranks_says_what_it_changes(tmp_path):
+    """2 ranks -> 1 process, and 1 process -> 2 ranks (which has no saved generator state for rank 1): each says
+    so, and ends within float rounding of the run it continues, since the data order does not depend on the
+    number of ranks (the global batches are dealt out after they are drawn) and only the order of sums does."""
+    common = [*ARGS, "--micro-batch", "2", "--save-every", "2", "--max-steps", "4"]
+    for saved, resumed in ((2, 1), (1, 2)):
+        first, second = tmp_path / f"on{saved}", tmp_path / f"on{saved}-then{resumed}"
+        r = run([*common, "--out", str(first)], saved)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = run([*common, "--out", str(second), "--resume", str(first / "step_2")], resumed)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (f"resuming a run of {saved} rank(s) on {resumed}: the data order and the rollout seeds do not depend "
+                f"on the number of ranks" in r.stderr)
+        assert losses(second) == pytest.approx(losses(first)[2:], rel=1e-5)  # steps 3 and 4
+        a, b = weights(first / "final"), weights(second / "final")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def children(pid):
+    """The processes torchrun started (its ranks)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_sigterm_under_torchrun_saves_and_tells_a_wrapper_by_exit_status(tmp_path):
+    """SIGTERM to the ranks alone: each saves at the end of the step and exits 0, so torchrun exits 0. SIGTERM to
+    torchrun (what a scheduler sends every process of a preempted job): torchrun passes it to the ranks, which
+    save in the same way, and then exits 1 with its own SignalException, whatever its ranks did (its agent
+    re-raises the signal it got). Either way step_N is whole and the resume command is printed."""
+    import signal
+    import time
+    for target, status in (("ranks", 0), ("torchrun", 1)):
+        out = tmp_path / target
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "sft.py", *ARGS, "--micro-batch", "2", "--max-steps", "400", "--out", str(out)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        for pid in (children(proc.pid) if target == "ranks" else [proc.pid]):
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == status, err[-2000:]
+        assert ("SignalException: Process" in err and "got signal: 15" in err) == (target == "torchrun")
+        last = runs_of(out)[-1]
+        assert f"saved {last}; continue with --resume {last}" in err
+        assert json.loads((last / "train_state.json").read_text())["step"] == len(losses(out)) < 400
+        assert {p.name for p in last.iterdir()} >= {"config.json", "train_state", "rng_0.pt", "rng_1.pt"}
+        assert not list(out.glob(".*tmp"))
+
+
+def runs_of(out):
+    return sorted(out.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))

@@ -56,11 +56,14 @@ def ensure(name, cache, texts, qwen_files):
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=path.parent, prefix=".tiny-")
-        {"tiny": lambda: build(tmp, texts), "tiny-text": lambda: build_text(tmp, texts),
-         "tiny-qwen": lambda: build_qwen(tmp, qwen_files)}[name]()
         try:
+            {"tiny": lambda: build(tmp, texts), "tiny-text": lambda: build_text(tmp, texts),
+             "tiny-qwen": lambda: build_qwen(tmp, qwen_files)}[name]()
             os.rename(tmp, path)
-        except OSError:  # another process finished first; theirs is identical
+        except OSError:
+            if not (path / "config.json").exists():  # not just another process finishing first (theirs is identical)
+                raise
+        finally:  # nothing half-built is left in the cache
             shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
