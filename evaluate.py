@@ -162,7 +162,7 @@ def judge_choice(response, options, answer):
         return None, False
     ours = "<answer>" in response or "</think>" in response
     prose = response.rsplit("</think>", 1)[-1]
-    extracted = extract_answer(response, prose=False) or ""  # MMMU-Pro's parser reads the prose
+    extracted = extract_answer(response, prose=False, several=False) or ""  # MMMU-Pro's parser reads the prose
     read_tags = lambda: choice_letter(extracted, options) or official_choice(extracted, options)  # noqa: E731
     letter = (read_tags() or official_choice(prose, options)) if ours else (official_choice(prose, options)
                                                                          or choice_letter(extracted, options))
@@ -248,7 +248,7 @@ def mathvista_extract(response, row):
     if re.fullmatch(r"-?\d+(\.\d+)?", text):
         return text
     if tagged(text):
-        text = extract_answer(text, prose=False) or ""
+        text = extract_answer(text, prose=False, several=False) or ""
         if multi:  # a choice's own text -> its letter: the official rules read "(b)" as option B
             return data.LETTERS[choices.index(text)] if text in choices else choice_letter(text, choices) or text
         return text if row["answer_type"] == "list" else (prose_number(text) or text)
@@ -288,7 +288,7 @@ def judge_mmmu_open(response, answer):
     """MMMU's eval_open: a gold number must equal a predicted number; a gold string must occur in a prediction."""
     if still_thinking(response):
         return None, False
-    text = (extract_answer(response, prose=False) or "") if tagged(response) else response
+    text = (extract_answer(response, prose=False, several=False) or "") if tagged(response) else response
     golds = ast.literal_eval(answer) if answer.strip().startswith("[") else [answer]
     norm = [g for gold in golds for g in mmmu_normalize(gold)]
     preds = mmmu_open_predictions(text)

@@ -102,7 +102,7 @@ EXTRACT = [
     ("<think>x</think><answer>The answer is \\boxed{3}</answer>", "3"),
     ("<think>x</think> The final answer is 12.", "12"),
     ("Let me compute. Answer: 5", "5"),
-    ("Therefore, the answer is $\\frac{2}{3}$.", "$\\frac{2}{3}$"),
+    ("Therefore, the answer is $\\frac{2}{3}$.", "\\frac{2}{3}"),  # the delimiters are not part of the answer
     ("<think>I keep thinking and thinking", None),
     ("<think>a</think>   ", None),
     ("", None),
@@ -197,6 +197,15 @@ def test_adversarial_inputs_return_quickly(bad):
     assert time.monotonic() - start < 3 * (rewards.TIMEOUT + 0.5)
 
 
+def test_long_hostile_prose_is_read_in_bounded_time():
+    """Untagged prose is searched for its last sentence holding a value: 20,000 sentences of numbers and a box that
+    never closes take well under a second, not a time quadratic in their number."""
+    for text in ("It is 1. " * 20000, "We get $1$. " * 10000 + "\\boxed{" * 5000, "Answer: " * 20000):
+        start = time.monotonic()
+        assert math_reward(text, "2") == 0.0
+        assert time.monotonic() - start < 2.0
+
+
 def test_timeout_is_not_equal_and_bounded():
     start = time.monotonic()
     assert math_equal("e^{e^{e^{e^{e^{99}}}}}", "e^{e^{e^{e^{e^{98}}}}}", timeout=0.5) is False
@@ -242,3 +251,225 @@ def test_cli_prints_extraction_and_verdict():
     out = subprocess.run([sys.executable, "rewards.py", "<think>t</think><answer>\\dfrac{3}{4}</answer>", "0.75"],
                          capture_output=True, text=True, cwd=rewards.__file__.rsplit("/", 1)[0])
     assert "extracted: '\\\\dfrac{3}{4}'" in out.stdout and "reward: 1.0" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ways a right answer is written (the eight classes of issue #34), each rule with as many cases that must stay
+# unequal. Written here from the rule; the verdicts were worked out by hand. (pred, gold, why)
+
+SEVERAL = [  # several answers: compared as a set of answers, a single tuple in order
+    ("\\boxed{4}, \\boxed{9}", "4, 9", "boxes side by side are one answer with two parts"),
+    ("\\boxed{-1} and \\boxed{6}", "\\{6, -1\\}", "a gold set, in another order"),
+    ("\\boxed{2} \\quad \\text{and} \\quad \\boxed{5}", "5, 2", "spaced \\text{and} between the boxes"),
+    ("x = 3 \\text{ or } x = -7", "-7, 3", "'or' between the answers; the name repeats, so it is one variable's"),
+    ("1; 4; 9", "\\{9, 4, 1\\}", "semicolons separate answers"),
+    ("(2, 7), (7, 2)", "(7, 2), (2, 7)", "a set of tuples in any order"),
+    ("(3, 1), (3, 1), (0, 2)", "(0, 2), (3, 1)", "an answer repeated counts once"),
+    ("{3, 8}", "\\{8, 3\\}", "plain braces only group: a list"),
+    ("(6,1)or(1,6)", "(1, 6), (6, 1)", "an 'or' glued between two tuples"),
+]
+SEVERAL_NOT = [
+    ("(2, 7)", "(7, 2)", "one tuple keeps its order"),
+    ("\\boxed{4}, \\boxed{9}", "4", "two answers to a question with one: hedging earns nothing"),
+    ("\\boxed{4}, \\boxed{9}", "4, 9, 16", "an answer missing"),
+    ("1; 4; 9", "1, 4, 10", "one answer different"),
+    ("(2, 7), (7, 3)", "(7, 2), (2, 7)", "one tuple different"),
+    ("(3, 1), (0, 2)", "(0, 2), (1, 3)", "a tuple inside a set still keeps its order"),
+    ("x = 3 \\text{ or } x = -7", "3", "two solutions where there is one"),
+    ("{3, 8}", "(8, 3)", "a list answers a tuple in order"),
+    ("(6,1)or(1,6)", "(1, 6)", "two tuples where there is one"),
+]
+
+LABELLED = [  # a name given to the answer is not part of it, on either side
+    ("(a, b) = (4, 1)", "(4, 1)", "a tuple of names"),
+    ("m = 12, r = 3", "r = 3, m = 12", "both named: by name, in any order"),
+    ("|PQ| = 7", "7", "a length"),
+    ("g(t) = 4", "4", "a function's value"),
+    ("P:Q = 2", "2", "a ratio's name"),
+    ("S_1:S_2 = 3:5", "3:5", "a ratio of subscripted names"),
+    ("\\frac{AM}{MB} = \\frac{2}{3}", "\\frac{2}{3}", "a quotient of segment names"),
+    ("AB = 6, BC = 8", "6, 8", "named on one side: in order"),
+    ("u_1 = 2, u_2 = 5", "5, 2", "indices of one name are roots: any order"),
+    ("y_1 = (x+1)^2, y_2 = x^2 - 1", "x^2 + 2x + 1, (x-1)(x+1)", "named expressions, compared as expressions"),
+]
+LABELLED_NOT = [
+    ("x^2 = 9", "9", "an equation to solve is no name"),
+    ("3x + y = 4", "4", "nor is an expression"),
+    ("m = 12, r = 3", "m = 3, r = 12", "the names say which value is which"),
+    ("AB = 6, BC = 8", "8, 6", "named on one side: the order counts"),
+    ("x = 5", "y = 5", "a different name"),
+    ("(a, b) = (4, 1)", "(1, 4)", "the tuple's order"),
+    ("|PQ| = 7", "8", "the value"),
+    ("u_1 = 2, u_2 = 5", "2, 6", "roots in any order, but these roots"),
+    ("S_1:S_2 = 3:5", "5:3", "a ratio's order"),
+    ("g(t) = 4", "g(t) = 5", "the same name, another value"),
+]
+
+RELATIONS = [  # relations, inequalities and intervals: the same set of reals
+    ("t \\geq 2", "t >= 2", "two spellings of one relation"),
+    ("t \\ge 2", "2 \\leq t", "the sides swapped"),
+    ("t \\neq 0", "t != 0", "not equal"),
+    ("y \\lt 4", "y < 4", "\\lt"),
+    ("-2t > -6", "t < 3", "divided by a negative number, the relation turns"),
+    ("-4 < b < 9", "(-4, 9)", "a chain is an open interval"),
+    ("0 < g(x) < 2", "(0, 2)", "a function's value as the variable"),
+    ("x \\in [1, 5]", "[1, 5]", "'x in' names the set"),
+    ("1 \\le x \\le 5", "x \\in [1, 5]", "a chain and a named interval"),
+    ("|u| \\le 2", "[-2, 2]", "an absolute value"),
+    ("[0, 4) \\cup (4, 10]", "(4, 10] \\cup [0, 4)", "a union in any order"),
+    ("x < -1 \\text{ or } x \\geq 3", "(-\\infty, -1) \\cup [3, \\infty)", "'or' between relations is a union"),
+    ("k > 0", "(0, +\\infty)", "+infinity"),
+]
+RELATIONS_NOT = [
+    ("t > 2", "t \\geq 2", "an open end is not a closed one"),
+    ("-2t > -6", "t > 3", "the relation turns when divided by a negative number"),
+    ("x \\in [1, 5]", "(1, 5]", "the left end"),
+    ("-4 < b < 9", "[-4, 9]", "open ends"),
+    ("y < 4", "y > 4", "the other side"),
+    ("|u| \\le 2", "[0, 2]", "the negative half"),
+    ("[0, 4) \\cup (4, 10]", "[0, 10]", "the point left out"),
+    ("x < -1 \\text{ or } x \\geq 3", "(-\\infty, -1) \\cup (3, \\infty)", "a closed end of a union"),
+    ("t \\neq 0", "t > 0", "not equal is both sides"),
+    ("0 < g(x) < 2", "(0, 3)", "the right end"),
+    ("k > 0", "[0, +\\infty)", "zero is not above zero"),
+    ("t \\ge 2", "t \\le 2", "the other direction"),
+    ("1 \\le x \\le 5", "x \\in [1, 6]", "the right end of a named interval"),
+]
+
+SPELLINGS = [  # delimiters and LaTeX spellings
+    ("$$\n\\frac{5}{6}\n$$", "5/6", "display dollars with newlines"),
+    ("\\[\n 12 \n\\]", "12", "a display bracket"),
+    ("\\(\n0.25\n\\)", "1/4", "an inline parenthesis"),
+    ("\\cfrac{7}{2}", "3.5", "\\cfrac"),
+    ("\\left[ 2, 3 \\right)", "[2,3)", "\\left[ \\right)"),
+    ("22,\\! 222,\\! 000", "22222000", "thin spaces after thousands commas"),
+    ("2 500", "2500", "a space between digit groups"),
+    ("007", "7", "leading zeros"),
+    (".75", "0.75", "no zero before the point"),
+    ("\\\\frac{1}{4}", "0.25", "a doubled backslash"),
+    ("3,25", "3.25", "a decimal comma"),
+    ("31{, }000", "31000", "a thousands comma in braces, spaced"),
+]
+SPELLINGS_NOT = [
+    ("007", "70", "the zeros lead, they do not trail"),
+    ("2 500", "25", "a digit group is not dropped"),
+    ("22,\\! 222", "22", "nor cut short"),
+    (".75", "0.075", "the point's place"),
+    ("\\cfrac{7}{2}", "2/7", "numerator and denominator"),
+    ("2,500", "2.5", "a comma before three digits groups thousands"),
+    ("3,25", "3.26", "a decimal comma, another number"),
+    ("2 500", "2500.5", "grouped digits, then a fraction"),
+    ("\\left[ 2, 3 \\right)", "[2,3]", "the right end"),
+    ("$$\n\\frac{5}{6}\n$$", "6/5", "the fraction's way up"),
+    ("\\\\frac{1}{4}", "0.4", "a doubled backslash, another value"),
+    ("31{, }000", "31", "a thousands comma is no decimal point"),
+]
+
+PERCENT_AND_UNITS = [
+    ("45\\%", "45 pct", "pct"), ("45\\%", "45 percent", "percent"), ("45%", "45 percentage", "percentage"),
+    ("18 \\text{ km}", "18", "a unit in \\text"), ("0.4 \\text{ euros}", "0.4", "a unit not in our list"),
+    ("\\frac{2}{5} \\textbf{meters}", "0.4", "a fraction with a bold unit"), ("35 cm", "35", "a plain unit"),
+]
+PERCENT_AND_UNITS_NOT = [
+    ("18 \\text{ km}", "19", "a unit never makes two numbers equal"), ("3 million", "3", "a word that scales"),
+    ("45 pct", "54", "the number"), ("0.4 \\text{ euros}", "4", "the point"), ("2 pi", "2", "pi is no unit"),
+    ("35 cm", "3.5", "the value, not the digits"), ("45\\%", "0.45 percent", "a percentage of a percent"),
+]
+
+MATRICES = [
+    ("\\begin{bmatrix} 2 & 0 \\\\ 1 & 3 \\end{bmatrix}", "\\begin{pmatrix} 2 & 0 \\\\ 1 & 3 \\end{pmatrix}", "brackets"),
+    ("\\left[\\begin{array}{cc} 1 & \\frac{1}{2} \\\\ 0 & 1 \\end{array}\\right]",
+     "\\begin{pmatrix}1 & 0.5\\\\0 & 1\\end{pmatrix}", "an array in \\left[ \\right], entries as values"),
+    ("\\begin{pmatrix} \\sqrt{4} \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 3 \\end{pmatrix}", "a vector"),
+]
+MATRICES_NOT = [
+    ("\\begin{pmatrix} 2 & 0 \\\\ 1 & 3 \\end{pmatrix}", "\\begin{pmatrix} 2 & 1 \\\\ 0 & 3 \\end{pmatrix}", "transposed"),
+    ("\\begin{pmatrix} 2 \\\\ 3 \\end{pmatrix}", "\\begin{pmatrix} 2 & 3 \\end{pmatrix}", "a column is not a row"),
+    ("\\left[\\begin{array}{cc} 1 & \\frac{1}{2} \\\\ 0 & 1 \\end{array}\\right]",
+     "\\begin{pmatrix}1 & 0.6\\\\0 & 1\\end{pmatrix}", "one entry"),
+]
+
+CHAINS = [
+    ("y = 4 \\cdot 3 - 2 = 10", "10", "a chain answers with its last side"),
+    ("y = 4 \\cdot 3 - 2 = 10", "y = 10", "and keeps its name"),
+    ("t \\approx 7", "7", "a name approximated"),
+    ("r = \\frac{2}{3} \\approx 0.67", "2/3", "the exact value before an approximation"),
+    ("2 = 6 - 4 = s", "s", "the last side, whatever it is"),
+]
+CHAINS_NOT = [
+    ("y = 4 \\cdot 3 - 2 = 10", "12", "not the sides before the last"),
+    ("t \\approx 7", "8", "the value approximated"),
+    ("r = \\frac{2}{3} \\approx 0.67", "0.67", "the exact value, not its rounding (1e-6)"),
+    ("2 = 6 - 4 = s", "2", "the last side answers"),
+    ("7 = 11a + c", "11a + c", "one equation is no chain"),
+]
+
+
+def by_rule(*tables):
+    return [pytest.param(p, g, id=why) for table in tables for p, g, why in table]
+
+
+@pytest.mark.parametrize("pred,gold", by_rule(SEVERAL, LABELLED, RELATIONS, SPELLINGS, PERCENT_AND_UNITS, MATRICES,
+                                               CHAINS))
+def test_a_right_answer_in_any_of_its_forms(pred, gold):
+    assert math_equal(pred, gold) and math_equal(gold, pred)
+
+
+@pytest.mark.parametrize("pred,gold", by_rule(SEVERAL_NOT, LABELLED_NOT, RELATIONS_NOT, SPELLINGS_NOT,
+                                               PERCENT_AND_UNITS_NOT, MATRICES_NOT, CHAINS_NOT))
+def test_a_wrong_answer_in_any_form_stays_wrong(pred, gold):
+    assert not math_equal(pred, gold) and not math_equal(gold, pred)
+
+
+def test_every_class_has_as_many_negative_cases_as_positive_ones():
+    for yes, no in ((SEVERAL, SEVERAL_NOT), (LABELLED, LABELLED_NOT), (RELATIONS, RELATIONS_NOT),
+                    (SPELLINGS, SPELLINGS_NOT), (PERCENT_AND_UNITS, PERCENT_AND_UNITS_NOT), (MATRICES, MATRICES_NOT),
+                    (CHAINS, CHAINS_NOT), (PROSE, PROSE_NOT)):
+        assert len(no) >= len(yes)
+
+
+PROSE = [  # (response, gold): the answer inside prose, and a gold that is a sentence or a worked solution
+    ("So the answer is \\( y \\in (-3, 8) \\).", "(-3, 8)", "an answer phrase, a math span with a name"),
+    ("Final Answer: The smallest $k$ is 21.", "21", "a sentence after the phrase: its last number, not the name"),
+    ("The final answer is $9,104$. I hope it is correct.", "9104", "the span after the phrase, not the sentence"),
+    ("Answer \\[ 14 \\]", "14", "a bare 'Answer' and a display"),
+    ("<think>7 and 8</think> It is 15.", "We add: $7 + 8 = 15$, so the total is $\\boxed{15}$.",
+     "a worked solution as gold: its box"),
+    ("<think>..</think> 15", "Adding gives $7+8$, which comes to $15$.", "a gold sentence: its last value"),
+    ("It is 9.<|im_start|>user\nWhat is 2+2? The answer is 4.", "9", "a leaked next turn is not the answer"),
+    ("\\boxed{40} for the area. The final answer is $44$.", "44", "the answer stated after the box holds"),
+    ("$3$ and $11$", "3, 11", "math spans joined by 'and'"),
+    ("We get $$\\frac{d}{t} \\ge 2.$$ So the speed rises by 30%.", "30", "the last sentence, after a display"),
+]
+PROSE_NOT = [
+    ("So the answer is \\( y \\in (-3, 8) \\).", "[-3, 8]", "the interval's ends"),
+    ("Final Answer: The smallest $k$ is 21.", "k", "the name is not the answer"),
+    ("The final answer is $9,104$. I hope it is correct.", "9105", "the value"),
+    ("Answer \\[ 14 \\]", "41", "the value"),
+    ("<think>7 and 8</think> It is 15.", "We add: $7 + 8 = 16$, so the total is $\\boxed{16}$.", "the gold's box"),
+    ("<think>..</think> 15", "Adding gives $7+8$, which comes to $16$.", "the gold sentence's value"),
+    ("It is 9.<|im_start|>user\nWhat is 2+2? The answer is 4.", "4", "not the leaked turn's"),
+    ("\\boxed{40} for the area. The final answer is $44$.", "40", "not the earlier box"),
+    ("$3$ and $11$", "3", "two answers where there is one"),
+    ("We get $$\\frac{d}{t} \\ge 2.$$ So the speed rises by 30%.", "2", "not the earlier sentence's"),
+    ("\\boxed{3} and finally \\boxed{5}", "3, 5", "a revising word between boxes: the last box alone"),
+]
+
+
+@pytest.mark.parametrize("response,gold", by_rule(PROSE))
+def test_the_answer_in_prose_and_a_gold_written_as_prose(response, gold):
+    assert math_reward(response, gold) == 1.0
+
+
+@pytest.mark.parametrize("response,gold", by_rule(PROSE_NOT))
+def test_the_wrong_answer_in_prose_scores_nothing(response, gold):
+    assert math_reward(response, gold) == 0.0
+
+
+def test_grpo_reads_these_forms_inside_the_answer_tags():
+    """GRPO's reward (require_tags) reads the same forms inside <answer>; several boxed answers to a one-answer
+    gold still earn 0, so listing candidates never pays."""
+    assert math_reward("<think>.</think><answer>\\boxed{2} \\text{ and } \\boxed{5}</answer>", "\\{5, 2\\}", True) == 1
+    assert math_reward("<think>.</think><answer>\\boxed{2} \\text{ and } \\boxed{5}</answer>", "5", True) == 0
+    assert math_reward("<think>.</think><answer>x \\geq 5</answer>", "[5, \\infty)", True) == 1
+    assert math_reward("<think>.</think><answer>(p, q) = (3, 2)</answer>", "(3, 2)", True) == 1
