@@ -31,7 +31,7 @@ from tqdm import tqdm
 import data
 import generate
 from plumbing.charts import svg_page
-from plumbing.cli import (COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser, passed_flags,
+from plumbing.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser, passed_flags,
                            toy_preset)
 from plumbing.distributed import all_reduce_dict, setup_distributed, shard
 from plumbing import runs
@@ -333,6 +333,8 @@ def parse_args(argv=None):
     ap.add_argument("--samples", type=POSITIVE_INT, default=1, help="K samples per item: avg/maj/pass@K (§3: 1, or 5)")
     ap.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy (§3: greedy; 0.3 with 5 samples)")
     ap.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling (§3: none)")
+    ap.add_argument("--repetition-penalty", type=POSITIVE, default=1.0, help="model.generate's repetition "
+                    "penalty; 1: off (ours; Qwen2.5-VL-7B-Instruct's generation_config.json asks for 1.05)")
     ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=4096, help="cap on generated tokens, all told (§3: 4,096)")
     ap.add_argument("--think-budget", type=COUNT, help="forced exit after N thinking tokens; 0: off (ours: cap - 512)")
     ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
@@ -415,6 +417,7 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
             chats = [[data.user_message(p, [] if args.no_image else t["images"])] for p, (t, _) in zip(prompts, part)]
             completions = generate.generate(model, processor, chats, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=seeds,
+                                   repetition_penalty=args.repetition_penalty,
                                    think_budget=args.think_budget or None, answer_budget=args.answer_budget,
                                    batch_size=args.batch_size, stats=s, compile=args.compile)
             n = s.get("decode_forwards", 0) * min(args.batch_size, len(part))
@@ -479,6 +482,8 @@ def open_records(out, bench, args, rank):
     protocol = {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "think_budget",
                                               "answer_budget", "no_image", "min_pixels", "max_pixels", "seed",
                                               "template")}
+    if args.repetition_penalty != 1.0:  # recorded only when used: records made before the flag existed stay valid
+        protocol["repetition_penalty"] = args.repetition_penalty
     runs.reuse_records(out, bench, protocol, args.fingerprint, args.model, rank)
     return runs.read_records(out, bench)
 

@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 import data
 import rewards
 from plumbing import runs
-from plumbing.cli import COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser
+from plumbing.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser
 from plumbing.distributed import setup_distributed, shard
 
 THINK_END = "</think>"
@@ -54,6 +54,7 @@ class Completion:
     finish_reason: str  # "stop" | "forced_exit" | "length"
     num_tokens: int
     sampled: list = None  # per token: 1 if the model sampled it, 0 if the forced exit wrote it (no gradient in RL)
+    logprobs: list = None  # per token: log-prob under the distribution it was drawn from (0.0: greedy, or forced)
 
 
 def encode(processor, conversation):
@@ -125,16 +126,26 @@ def vision_inputs(batch):
     return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
 
 
+def penalize_repeats(logits, seen, penalty):
+    """The repetition penalty of model.generate (CTRL, Keskar et al. 2019, as transformers applies it): a token the
+    row already holds, prompt included, has its logit divided by `penalty` when positive, multiplied when negative."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def sample(logits, temperature, top_p, generators):
-    """Next token per row: argmax at temperature 0; else softmax(logits / T), truncated to the top-p nucleus."""
+    """Next token per row, (B,), and its log-prob under the distribution it was drawn from, (B,): argmax at
+    temperature 0 (a point mass: log-prob 0); else softmax(logits / T), truncated to the top-p nucleus and
+    renormalized. GRPO compares that log-prob with the training policy's (the rollout-policy gap)."""
     if temperature == 0:
-        return logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        return tokens, torch.zeros(tokens.shape, device=logits.device)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before a token already reaches top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+    tokens = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+    return tokens, (probs.gather(-1, tokens[:, None])[:, 0] / probs.sum(-1)).log()  # the nucleus renormalized
 
 
 def forced_exit_ids(tokenizer, ids):
@@ -154,6 +165,7 @@ class Row:
     thinking: bool                   # inside its thought with a think budget to watch
     tokens: list = field(default_factory=list)   # the response so far
     sampled: list = field(default_factory=list)  # per token: 1 if the model sampled it, 0 if the forced exit wrote it
+    logprobs: list = field(default_factory=list)  # per token: log-prob of the sampled token where it was drawn
     forced: list = field(default_factory=list)   # "</think>" tokens still to feed after a forced exit
     answer_left: int = None          # answer tokens left after a forced exit; None: no forced exit
     finish_reason: str = "length"    # "length" until it stops otherwise
@@ -232,26 +244,36 @@ class SlotLayer(CacheLayerMixin):
 class Slots:
     """Per-slot state on the device: how many columns each row has written (slots,), the rotary position of its
     next token (slots,), and its additive attention mask (slots, max_len): 0 on its own tokens, the dtype's minimum
-    on its left padding and beyond (eager attention adds the mask, so it must be a float, not a bool)."""
+    on its left padding and beyond (eager attention adds the mask, so it must be a float, not a bool). With a
+    repetition penalty, `seen` (slots, vocab): the token ids each row holds, prompt included."""
     length: torch.Tensor
     position: torch.Tensor
     mask: torch.Tensor
+    seen: torch.Tensor = None
+
+    def hold(self, tokens):
+        """The token each live row has just written joins what it holds (for the repetition penalty, if any)."""
+        if self.seen is not None:
+            rows = torch.arange(len(tokens), device=self.seen.device)
+            self.seen[rows, torch.tensor(tokens, device=self.seen.device)] = True
 
     def move(self, cache, src, dst, columns):
         """Row `src` takes slot `dst`: its state and the `columns` it has written of its cache row, nothing else."""
-        for t in (self.length, self.position, self.mask):
+        for t in (self.length, self.position, self.mask, *([self.seen] if self.seen is not None else [])):
             t[dst] = t[src]
         for layer in cache.layers:
             layer.keys[dst, :, :columns].copy_(layer.keys[src, :, :columns])
             layer.values[dst, :, :columns].copy_(layer.values[src, :, :columns])
 
 
-def allocate(model, slots, max_len):
-    """Step 2's memory, once: the slot cache and the per-slot state, on the model's device and in its dtype."""
+def allocate(model, slots, max_len, vocab=None):
+    """Step 2's memory, once: the slot cache and the per-slot state, on the model's device and in its dtype;
+    `vocab`: the width of the seen-token mask a repetition penalty needs (None: no penalty, no mask)."""
     p = next(model.parameters())
     cache = SlotCache(model.config, slots, max_len, p.dtype, p.device)
     state = Slots(*(torch.zeros(slots, dtype=torch.long, device=p.device) for _ in range(2)),
-                  torch.zeros(slots, max_len, dtype=p.dtype, device=p.device))
+                  torch.zeros(slots, max_len, dtype=p.dtype, device=p.device),
+                  torch.zeros(slots, vocab, dtype=torch.bool, device=p.device) if vocab else None)
     return cache, state
 
 
@@ -272,6 +294,10 @@ def prefill(model, tokenizer, encodings, cache, slots, first):
     slots.mask[rows] = torch.finfo(slots.mask.dtype).min  # what a slot's last row left behind, and the padding
     slots.mask[rows, :P] = slots.mask[rows, :P].masked_fill(batch["attention_mask"].bool(), 0.0)
     slots.length[rows], slots.position[rows] = P, next_pos
+    if slots.seen is not None:  # the prompt's tokens count as seen, as in model.generate; its left padding does not
+        ids = batch["input_ids"]
+        held = torch.where(batch["attention_mask"].bool(), ids, ids[:, -1:])  # a pad stands for the last real token
+        slots.seen[rows] = torch.zeros_like(slots.seen[rows]).scatter(1, held.clamp(max=slots.seen.shape[1] - 1), True)
     return logits, P  # every admitted row's cache row now holds P columns, its left padding included
 
 
@@ -314,13 +340,26 @@ def compiled(model):
     return model._compiled_forward
 
 
-def step_row(row, t, tokenizer, **rules):
-    """Steps 5-6 for one row: its sampled token t, or instead the next token of a forced exit; False when it ends."""
+def next_tokens(logits, live, slots, temperature, top_p, repetition_penalty):
+    """Step 4's choice for every live row: the repetition penalty (if any), then sample(); the tokens and their
+    log-probs come to the host in one transfer, the step's one sync (ids are exact in float64)."""
+    if repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, slots.seen[:len(live)], repetition_penalty)
+    picked, logp = sample(logits, temperature, top_p, [row.generator for row in live])
+    picked, logp = torch.stack([picked.double(), logp.double()]).tolist()
+    return [int(t) for t in picked], logp
+
+
+def step_row(row, t, logp, tokenizer, **rules):
+    """Steps 5-6 for one row: its sampled token t (log-prob logp), or instead the next token of a forced exit; False
+    when it ends."""
     if row.forced:                   # 6. a forced exit writes its "</think>" over what was sampled
         t = row.forced.pop(0)
         row.sampled.append(0)
+        row.logprobs.append(0.0)
     else:
         row.sampled.append(1)
+        row.logprobs.append(logp)
         if row.answer_left is not None:
             row.answer_left -= 1
     return advance(row, t, tokenizer, **rules) and len(row.tokens) < row.budget  # at the budget: "length"
@@ -358,12 +397,14 @@ def stop_tokens(model, tokenizer):
 
 @torch.inference_mode()  # not no_grad: no version counters or autograd views; ~10% of a tiny model's step (ours)
 def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
-             think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False, stats=None,
-             compile=False):
+             repetition_penalty=1.0, think_budget=None, answer_budget=512, batch_size=32, seed=None, progress=False,
+             stats=None, compile=False):
     """Complete each chat; returns one Completion per conversation, in input order. `batch_size` slots are
     decoded together and a slot is refilled as soon as its row ends (continuous batching); every row keeps its
     own budget, forced exit and seeded generator, so its output does not depend on the slots or the rows beside
     it. `max_new_tokens` and `seed`: one for all (row i's seed derived from it and i) or one per conversation.
+    `repetition_penalty` (1.0: none) as model.generate applies it (penalize_repeats); a checkpoint's
+    generation_config.json is not read: what is sampled is what the arguments say.
     `stats`, a dict, gets decode_forwards, occupancy (live rows per forward / slots) and with `compile` compile_s."""
     n = len(conversations)
     budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
@@ -376,7 +417,8 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     seeds = list(seed) if isinstance(seed, (list, tuple)) else \
         [row_seed(torch.randint(0, 2**31 - 1, ()).item() if seed is None else seed, i) for i in range(n)]
     device, slots_n = next(model.parameters()).device, min(batch_size, n)
-    cache, slots = allocate(model, slots_n, min(limit, max(lengths) + max(budgets)))
+    cache, slots = allocate(model, slots_n, min(limit, max(lengths) + max(budgets)),
+                            len(may_close) if repetition_penalty != 1.0 else None)
     rope = 3 if hasattr(model.model, "get_rope_index") else 2
     forward = compiled(model) if compile else decoder_step(model)
     pending = sorted(range(n), key=lambda i: lengths[i])  # similar lengths prefill together
@@ -390,15 +432,15 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
             live += [Row(torch.Generator(device=device).manual_seed(seeds[i]), think_budget is not None, index=i,
                          budget=min(budgets[i], limit - lengths[i]), columns=width) for i in new]
             logits = first if logits is None else torch.cat([logits, first])
-        real = logits[:, :len(may_close)]  # the ids that have a token (stop_tokens)
-        tokens = sample(real, temperature, top_p, [row.generator for row in live]).tolist()  # one host sync
-        done = [not step_row(row, t, tokenizer, think_budget=think_budget, answer_budget=answer_budget,
-                             stop_ids=stop_ids, may_close=may_close) for row, t in zip(live, tokens)]
+        picked, logp = next_tokens(logits[:, :len(may_close)], live, slots, temperature, top_p, repetition_penalty)
+        done = [not step_row(row, t, lp, tokenizer, think_budget=think_budget, answer_budget=answer_budget,
+                             stop_ids=stop_ids, may_close=may_close) for row, t, lp in zip(live, picked, logp)]
         tokens = [row.tokens[-1] for row in live]  # a forced exit wrote over what was sampled
+        slots.hold(tokens)
         for row, d in zip(live, done):
             if d:
                 results[row.index] = Completion(tokenizer.decode(row.tokens, skip_special_tokens=True), row.tokens,
-                                                row.finish_reason, len(row.tokens), row.sampled)
+                                                row.finish_reason, len(row.tokens), row.sampled, row.logprobs)
                 bar.update(1)
         live, tokens = compact(cache, slots, live, done, tokens)
         if not live:
@@ -471,6 +513,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=POSITIVE_INT, default=4096, help="cap on generated tokens (§3: 4,096)")
     ap.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0: greedy (§3's evaluation)")
     ap.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling; 1: off (§3: off)")
+    ap.add_argument("--repetition-penalty", type=POSITIVE, default=1.0, help="model.generate's repetition "
+                    "penalty; 1: off (ours; Qwen2.5-VL-7B-Instruct's generation_config.json asks for 1.05)")
     ap.add_argument("--think-budget", type=POSITIVE_INT, default=None, help="forced exit after N thinking tokens (§2.1)")
     ap.add_argument("--answer-budget", type=POSITIVE_INT, default=512, help="answer tokens after a forced exit (ours)")
     ap.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="KV-cache slots decoded together, "
@@ -510,6 +554,7 @@ def main(argv=None):
     model = data.load_model(args.model, dtype=dtype, device=device, progress=True).eval()
     processor = data.load_processor(args.model)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty,
                     think_budget=args.think_budget, answer_budget=args.answer_budget, batch_size=args.batch_size,
                     compile=args.compile)
     if args.distil:

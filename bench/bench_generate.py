@@ -72,7 +72,7 @@ def chunk_reference(model, tokenizer, encodings, seeds, budgets, *, temperature,
     forwards, occupied = 0, 0
     for _ in range(max(budgets)):
         # 4. one token per live row                                                   logits: (B_live, vocab)
-        token = G.sample(logits, temperature, top_p, [row.generator for row in live])     # (B_live,)
+        token = G.sample(logits, temperature, top_p, [row.generator for row in live])[0]  # (B_live,)
         keep = []
         for j, row in enumerate(live):
             if row.forced:               # 6. a forced exit writes its "</think>" over what was sampled

@@ -262,7 +262,10 @@ def grpo_steps(args, policy, reference, infer, vocab, tracker):
         kv_cache = rollout_phase(args, infer, vocab)
         rollout = (tracker.peak, tracker.t_peak)
         distributed.reload(parked)
-        parked = distributed.offload(infer.parameters(), host="meta") if args.offload else []
+        trained = {name for name, p in policy.named_parameters() if p.requires_grad}  # as grpo.grpo_step parks them:
+        parked = [*distributed.offload([p for n, p in infer.named_parameters() if n not in trained], host="meta"),
+                  *distributed.offload([p for n, p in infer.named_parameters() if n in trained], keep=False)] \
+            if args.offload else []  # the frozen weights kept, those the refresh overwrites dropped
         tracker.reset_peak()
         response = tokens(B, T, vocab)
         batch = {"input_ids": torch.cat([tokens(B, P, vocab), response], 1),
@@ -285,8 +288,9 @@ def grpo_steps(args, policy, reference, infer, vocab, tracker):
         split = split_at(tracker, t_peak, policy, trainable, optimizer)
         optimizer.zero_grad(set_to_none=True)
         distributed.reload(parked)
-        grpo.refresh_inference_copy(policy, infer)
-    detail = {"phase": "rollout" if rollout >= update else "update", "t_peak": t_peak, "rollout_peak_gib": rollout[0] / GIB,
+        gathered = grpo.refresh_inference_copy(policy, infer)
+    detail = {"refresh_gathered_gib": gathered / GIB,  # before: every weight and buffer all-gathered in fp32
+              "refresh_all_fp32_gib": sum(t.numel() * 4 for t in [*policy.parameters(), *policy.buffers()]) / GIB,"phase": "rollout" if rollout >= update else "update", "t_peak": t_peak, "rollout_peak_gib": rollout[0] / GIB,
               "update_peak_gib": update[0] / GIB, "kv_cache_gib": kv_cache / GIB,
               "inference_copy_gib": sum(p.numel() * p.element_size() for p in infer.parameters()) / GIB}
     return peak, split, detail
@@ -315,7 +319,7 @@ def estimate(args):
                 reference = sft.shard_model(build(args.shape, torch.bfloat16), cpu, bf16=True, mesh=mesh)
                 reference.eval().requires_grad_(False)
             infer = build(args.shape, torch.bfloat16).eval()
-            grpo.refresh_inference_copy(policy, infer)
+            grpo.refresh_inference_copy(policy, infer, everything=True)
             return (*grpo_steps(args, policy, reference, infer, vocab, tracker), tracker)
     finally:
         generate.rope_positions = real_positions
@@ -339,7 +343,10 @@ def main(argv=None):
           f"+ other {row['other_gib']:.1f}" + (f" (peak during {detail['phase']}; rollout peak "
                                                 f"{detail['rollout_peak_gib']:.1f}, KV cache "
                                                 f"{detail['kv_cache_gib']:.1f}, inference copy "
-                                                f"{detail['inference_copy_gib']:.1f})" if args.stage == "grpo" else ""))
+                                                f"{detail['inference_copy_gib']:.1f}; a refresh gathers "
+                                                f"{detail['refresh_gathered_gib']:.1f} GiB, the trained weights in "
+                                                f"bf16, against {detail['refresh_all_fp32_gib']:.1f} for every "
+                                                f"weight in fp32)" if args.stage == "grpo" else ""))
     if args.top:
         print("largest tensors alive at the peak:")
         for nbytes, op, shape, dtype in tracker.largest_at(t_peak, args.top):

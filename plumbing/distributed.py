@@ -87,8 +87,9 @@ def full_state_dict(model):
 # Device memory parked in host memory: storages resized to 0 and refilled in place, so the tensor objects (and
 # FSDP's and the optimizer's references to them) stay valid
 
-def offload(tensors, host="cpu"):
-    """Copy the bytes behind `tensors` to host memory and free them on the device (resize the storage to 0)."""
+def offload(tensors, host="cpu", keep=True):
+    """Copy the bytes behind `tensors` to host memory and free them on the device (resize the storage to 0).
+    keep=False: free them without a copy (their contents are about to be overwritten)."""
     saved, seen = [], set()
     for t in tensors:
         local = local_tensor(t)
@@ -97,22 +98,24 @@ def offload(tensors, host="cpu"):
             continue  # not resizable: e.g. CPU weights still mapped from the checkpoint file (nothing to gain)
         seen.add(storage._cdata)
         as_bytes = torch.empty(0, dtype=torch.uint8, device=local.device).set_(storage)
-        saved.append((storage, as_bytes.to(host, copy=True)))
+        saved.append((storage, storage.nbytes(), as_bytes.to(host, copy=True) if keep else None))
         storage.resize_(0)
     return saved
 
 
 def reload(saved):
-    """Inverse of offload(): the bytes back into the same device storages."""
-    for storage, host in saved:
-        storage.resize_(host.numel())
-        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)
+    """Inverse of offload(): the storages their size again, and (if they were kept) their bytes."""
+    for storage, nbytes, host in saved:
+        storage.resize_(nbytes)
+        if host is not None:
+            torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).copy_(host)
 
 
 @contextlib.contextmanager
-def parked(tensors, enabled=True, host="cpu"):
-    """`with parked(tensors):` the tensors' device memory waits in host memory for the block's duration."""
-    saved = offload(tensors, host) if enabled else []
+def parked(tensors, enabled=True, host="cpu", keep=True):
+    """`with parked(tensors):` the tensors' device memory waits in host memory for the block's duration; with
+    keep=False it is freed and given back unfilled (for weights the block's end overwrites anyway)."""
+    saved = offload(tensors, host, keep) if enabled else []
     try:
         yield
     finally:

@@ -50,3 +50,18 @@ def test_the_papers_7b_runs_fit_where_the_paper_ran_them():
     assert sft["peak_gib"] <= 36 and sft["params_gib"] == pytest.approx(8.29e9 * 4 / 8 / bm.GIB, rel=0.01)
     grpo = bm.main(["--stage", "grpo", "--shape", "7b", "--world", "8", "--offload"])
     assert grpo["peak_gib"] <= 36 and grpo["kv_cache_gib"] > 10  # the 64 x 4,608-token cache is counted
+
+
+def test_a_refresh_gathers_the_trained_weights_in_the_copys_dtype():
+    """grpo.refresh_inference_copy under the simulation: the bytes a refresh all-gathers are the trained
+    parameters' count times 2 (a bf16 copy; the frozen vision tower is not gathered again), against 4 bytes for
+    every parameter and buffer before; and --offload, which now drops the weights the refresh overwrites instead of
+    copying them out and back, does not raise the peak."""
+    model = data.load_model("tiny")
+    trained = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual"))
+    everything = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    grpo_run = ["--stage", "grpo", "--world", "2", "--gen-batch", "4", "--prompt-len", "16", "--new-tokens", "32"]
+    row = bm.main([*TINY, *grpo_run])
+    assert row["refresh_gathered_gib"] * bm.GIB == 2 * trained
+    assert row["refresh_all_fp32_gib"] * bm.GIB == 4 * everything
+    assert bm.main([*TINY, *grpo_run, "--offload"])["peak_gib"] <= row["peak_gib"]

@@ -121,13 +121,37 @@ def test_top_p_keeps_the_nucleus_only():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().repeat(4000, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(4000)]
-    drawn = G.sample(logits, 1.0, 0.7, gens)
+    drawn = G.sample(logits, 1.0, 0.7, gens)[0]
     counts = torch.bincount(drawn, minlength=4).float() / 4000
     # the nucleus for top_p=0.7 is {0, 1} (0.5 < 0.7 <= 0.8), renormalized to 0.625 / 0.375
     assert counts[2] == 0 and counts[3] == 0
     assert abs(counts[0] - 0.625) < 0.03
-    full = torch.bincount(G.sample(logits, 1.0, 1.0, gens), minlength=4).float() / 4000
+    full = torch.bincount(G.sample(logits, 1.0, 1.0, gens)[0], minlength=4).float() / 4000
     assert abs(full[3] - 0.05) < 0.015
+
+
+def test_a_sampled_token_carries_its_log_prob_where_it_was_drawn():
+    """p = 0.5, 0.3, 0.15, 0.05. Top-p 0.7 keeps {0, 1}, renormalized to 0.625 and 0.375; at temperature 2 (no top-p)
+    the distribution is sqrt(p) normalized: 0.7071 / 1.8657 = 0.3790 for token 0; greedy is a point mass, log 1 = 0.
+    What the forced exit writes carries 0 too (it was not drawn)."""
+    import math
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(200, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    tokens, logp = G.sample(logits, 1.0, 0.7, gens)
+    want = {0: math.log(0.625), 1: math.log(0.375)}
+    assert all(lp == pytest.approx(want[t], abs=1e-6) for t, lp in zip(tokens.tolist(), logp.tolist()))
+    tokens, logp = G.sample(logits, 2.0, 1.0, gens)
+    roots = [math.sqrt(p) for p in (0.5, 0.3, 0.15, 0.05)]
+    assert all(lp == pytest.approx(math.log(roots[t] / sum(roots)), abs=1e-6) for t, lp in zip(tokens.tolist(),
+                                                                                              logp.tolist()))
+    assert G.sample(logits[:3], 0.0, 1.0, gens[:3])[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_completions_carry_one_log_prob_per_token(model, processor):
+    (c,) = G.generate(model, processor, chats(processor)[:1], max_new_tokens=10, temperature=1.0, seed=3,
+                      think_budget=4, answer_budget=3)
+    assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+    assert all(lp == 0.0 for lp, s in zip(c.logprobs, c.sampled) if s == 0)  # the forced exit's "</think>"
 
 
 def test_edge_cases(model, processor):

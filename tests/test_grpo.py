@@ -11,6 +11,7 @@ from conftest import torchrun
 import data
 import generate
 import grpo
+import sft
 from plumbing import distributed
 
 ROOT = data.TOY_DIR.parent
@@ -84,8 +85,8 @@ def rows_for(model, processor, n_tokens=6):
     rows = []
     for k, adv in enumerate([1.0, -1.0]):
         ids = [processor.tokenizer.convert_tokens_to_ids(c) for c in "abcdef"[k:k + n_tokens // 2]] * 2
-        rows.append(grpo.Rollout(prompt["messages"], prompt["answer"], prompt["options"], ids, None, "", "length",
-                                 advantage=adv))
+        rows.append(grpo.Rollout(prompt["messages"], prompt["answer"], prompt["options"], ids, None, [0.0] * len(ids),
+                                 "", "length", advantage=adv))
     return rows
 
 
@@ -100,17 +101,22 @@ def args_for(*extra):
     return grpo.parse_args(["--model", "tiny", "--micro-batch", "1", "--lr", "1e-3", *extra])
 
 
+def passes(processor, rows, args):
+    return grpo.training_passes(rows, processor, micro_batch=args.micro_batch, mini_batches=args.ppo_mini_batches,
+                                balance=args.balance == "length", rank=0, world=1)
+
+
 def logprobs(policy, reference, processor, rows, args):
-    grpo.reference_and_old_logprobs(policy, reference, processor, rows, micro_batch=args.micro_batch,
+    grpo.reference_and_old_logprobs(policy, reference, processor, passes(processor, rows, args),
                                     temperature=args.temperature, need_old=args.ppo_mini_batches > 1,
                                     device=torch.device("cpu"))
 
 
 def update(policy, optimizer, processor, rows, args):
-    return grpo.update(policy, optimizer, processor, rows, micro_batch=args.micro_batch,
-                       mini_batches=args.ppo_mini_batches, temperature=args.temperature, eps_low=args.eps_low,
-                       eps_high=args.eps_high, beta=args.beta, dual_clip=args.dual_clip, grad_clip=args.grad_clip,
-                       world=1, device=torch.device("cpu"))
+    return grpo.update(policy, optimizer, processor, passes(processor, rows, args), temperature=args.temperature,
+                       eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, dual_clip=args.dual_clip,
+                       grad_clip=args.grad_clip, correction=args.rollout_correction, cap=args.rollout_cap, world=1,
+                       device=torch.device("cpu"))
 
 
 def rollouts(model, processor, prompts, args, seeds):
@@ -191,18 +197,33 @@ def run(args, nproc):
     return r
 
 
+def steps(out):
+    """metrics.jsonl's training steps (a validation-only row, step 0 of --eval-every, left out)."""
+    return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in row]
+
+
+def validations(out):
+    return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_reward" in row]
+
+
 def test_two_ranks_match_one_process(sft_tiny, tmp_path):
+    """One process; two ranks with the step's rows dealt by length (and --offload); two ranks each training its own
+    rows in rollout order (--balance off): the same loss, metrics and weights, so dealing moves rows and not the
+    gradient. The validation at step 0 (the toy preset's --eval-every) is the same on one rank and two."""
     path, _ = sft_tiny
     common = ["--model", path, "--data", "toy", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens",
               "24", "--max-steps", "1", "--lr", "1e-3", "--micro-batch", "2", "--reward-processes", "1"]
-    for name, nproc in (("one", 1), ("two", 2)):  # the two ranks also park their state in host memory
-        r = run([*common, "--out", str(tmp_path / name)] + (["--offload"] if nproc == 2 else []), nproc)
+    for name, nproc, extra in (("one", 1, []), ("two", 2, ["--offload"]), ("off", 2, ["--balance", "off"])):
+        r = run([*common, "--out", str(tmp_path / name), *extra], nproc)
         assert r.returncode == 0, r.stderr[-3000:]
-    one, two = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0]) for n in ("one", "two"))
-    for key in ("reward", "response_len", "loss", "kl", "entropy"):
+    one, two, off = (steps(tmp_path / n)[0] for n in ("one", "two", "off"))
+    for key in ("reward", "response_len", "loss", "kl", "entropy", "rollout_gap_mean"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
-    a, b = data.load_model(str(tmp_path / "one" / "final")), data.load_model(str(tmp_path / "two" / "final"))
+        assert off[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
+    assert validations(tmp_path / "two") == validations(tmp_path / "one") != []
+    a, b, c = (data.load_model(str(tmp_path / n / "final")) for n in ("one", "two", "off"))
     assert max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters())) < 1e-5
+    assert max((x - y).abs().max().item() for x, y in zip(b.parameters(), c.parameters())) < 1e-5
 
 
 def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
@@ -211,13 +232,13 @@ def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
              "16", "--max-steps", "2", "--think-budget", "8", "--answer-budget", "4", "--freeze-layers", "1",
              "--out", str(tmp_path)], 1)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = steps(tmp_path)
     before, after = data.load_model(path).state_dict(), data.load_model(str(tmp_path / "final")).state_dict()
     moved = {k for k in after if not torch.equal(after[k], before[k])}  # --freeze-layers 1: layer 0 stays as loaded
     assert moved and not any(".layers.0." in k for k in moved) and any(".layers.1." in k for k in moved)
     keys = {"reward", "flat_groups", "response_len", "response_len_max", "truncated", "forced_exit", "kl",
             "ppo_clipped", "entropy", "grad_norm", "lr", "loss", "sec_generate", "sec_reward", "sec_logprob",
-            "sec_update"}
+            "sec_update", "rollout_gap_mean", "rollout_gap_max", "rollout_gap_outside"}
     assert keys <= rows[0].keys()
     assert rows[0]["forced_exit"] > 0  # budget 8 < the SFT'd model's ~20-token thought
     assert (tmp_path / "final" / "config.json").exists()
@@ -225,8 +246,9 @@ def test_metrics_cover_the_papers_curves(sft_tiny, tmp_path):
     lines = {p.get("data-label"): p for p in ET.parse(str(tmp_path / "curves.svg")).getroot().iter(
         "{http://www.w3.org/2000/svg}polyline")}
     assert set(lines) == {"reward", "response_len", "response_len_max", "kl", "entropy", "truncated", "forced_exit",
-                          "ppo_clipped", "tagged"}
-    assert [float(v) for v in lines["reward"].get("data-y").split(",")] == [r["reward"] for r in rows]
+                          "ppo_clipped", "tagged", "rollout_gap_mean", "rollout_gap_max", "val_reward", "val_tagged"}
+    plotted = [float(v) for v in lines["reward"].get("data-y").split(",") if v != "None"]  # step 0: validation only
+    assert plotted == [r["reward"] for r in rows]
 
 
 def test_grpo_raises_the_reward_of_an_sft_model(sft_tiny, tmp_path):
@@ -234,8 +256,14 @@ def test_grpo_raises_the_reward_of_an_sft_model(sft_tiny, tmp_path):
     steps (about a minute of CPU, fixed seeds) must raise the mean reward clearly while keeping the format: the
     reward reads only tagged answers, so dropping <think>/<answer> cannot pay (observed: 0.26 -> 0.42)."""
     path, _ = sft_tiny
-    grpo.main(["--model", path, "--data", "toy", "--reward-processes", "1", "--out", str(tmp_path)])  # the preset
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the README's command, in a process of its own (as users run it): inside the test process, after the sft_tiny
+    # fixture's training, the same 80 steps take 1.6x as long (the allocator's state; a bare matmul slows alike)
+    r = run(["--model", path, "--data", "toy", "--reward-processes", "1", "--out", str(tmp_path)], 1)  # the preset
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = steps(tmp_path)
+    # validation while training (the preset's --eval-every 10): 16 held-out sums, greedy, at step 0 and every 10
+    assert [v["step"] for v in validations(tmp_path)] == list(range(0, 81, 10))
+    assert all(0 <= v["val_reward"] <= v["val_tagged"] <= 1 for v in validations(tmp_path))
     mean = lambda key, part: sum(r[key] for r in part) / len(part)  # noqa: E731
     first, last = mean("reward", rows[:15]), mean("reward", rows[-15:])
     assert last > first + 0.08, (first, last)
@@ -327,8 +355,8 @@ def test_forced_exit_tokens_carry_no_gradient(sft_tiny):
 def test_chunked_token_logprobs_equal_the_full_logits(model, processor):
     """token_logprobs through sft.head_chunks == log_softmax of the model's own logits for the response
     positions, values and gradients (relative 1e-6), for one chunk and for many."""
-    rows = [grpo.Rollout(p["messages"], p["answer"], p["options"], list(range(40, 45 + 3 * i)), None, "", "length")
-            for i, p in enumerate(data.load_rl_data("toy")[:3])]  # ragged responses
+    rows = [grpo.Rollout(p["messages"], p["answer"], p["options"], list(range(40, 45 + 3 * i)), None, None, "",
+                         "length") for i, p in enumerate(data.load_rl_data("toy")[:3])]  # ragged responses
     batch, response, mask = grpo.sequence_batch(processor, rows, torch.device("cpu"))
     model.double()  # float64 weights: only the order of sums, not the method, could make a difference
     positions, _ = generate.rope_positions(model, batch)
@@ -358,8 +386,7 @@ def test_offload_changes_where_state_waits_not_the_result(sft_tiny, tmp_path):
               "--save-every", "0"]
     grpo.main([*common, "--out", str(tmp_path / "plain")])
     grpo.main([*common, "--offload", "--out", str(tmp_path / "offload")])
-    a, b = ([json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("plain", "offload"))
+    a, b = (steps(tmp_path / n) for n in ("plain", "offload"))
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if not k.startswith("sec_")} == \
             {k: v for k, v in y.items() if not k.startswith("sec_")}
@@ -405,7 +432,8 @@ def test_bad_input_is_one_line_exit_1_and_out_unchanged(tmp_path, broken, capsys
                              f"{broken.file} is not a writable directory"),
         "finished_run": (["--out", str(finished_grpo)], f"--out {finished_grpo} already holds a run; pass "
                          f"--overwrite to replace it, or choose another --out"),
-        "too_few_prompts": (["--prompts-per-step", "128"], "100 prompts cannot fill one step of --prompts-per-step 128"),
+        "too_few_prompts": (["--prompts-per-step", "128"], "84 prompts (with 16 held out for --eval-every) cannot fill one "
+                            "step of --prompts-per-step 128"),
         "resume_with_other_settings": (["--out", str(finished_grpo), "--resume", str(finished_grpo / "final"),
                                         "--beta", "0.02"], "--resume with other settings than the run's: --beta "
                                        "0.0 -> 0.02; pass --allow-changes to continue anyway"),
@@ -437,7 +465,7 @@ def test_a_non_finite_update_is_refused_and_nothing_saved(tmp_path, monkeypatch,
 
 def rollout(text, finish_reason, answer="5"):
     ids = list(range(len(text)))
-    return grpo.Rollout([], answer, None, ids, [1] * len(ids), text, finish_reason)
+    return grpo.Rollout([], answer, None, ids, [1] * len(ids), [0.0] * len(ids), text, finish_reason)
 
 
 def test_a_response_cut_at_the_cap_has_not_answered_by_default():
@@ -475,3 +503,88 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
     fd = os.open(out, os.O_RDONLY)  # and the finished run has let go of it
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Balanced passes, the rollout-policy gap and its correction, the lean refresh
+
+def test_balanced_passes_deal_every_row_once_and_even_out_the_ranks():
+    """2 ranks, 8 rows each, micro-batches of 2, 2 PPO mini-batches. Rank 0 sampled long responses, rank 1 short
+    ones. Every row is trained once, in the same mini-batch as in rollout order; every rank runs the same number
+    of micro-batches of at most 2 rows; and the ranks' padded tokens (a micro-batch: its rows x (widest prompt +
+    longest response)) go from 2,320 vs 304 in rollout order to 1,456 vs 1,168, worked out by hand below."""
+    lengths = [(10, 400 - 40 * i) for i in range(8)] + [(10, 40 - 4 * i) for i in range(8)]
+    padded = lambda micro: len(micro) * (max(lengths[i][0] for i in micro) + max(lengths[i][1] for i in micro))  # noqa
+    for balance in (False, True):
+        plan = grpo.balanced_passes(lengths, world=2, micro_batch=2, mini_batches=2, balance=balance)
+        assert sorted(i for mini in plan for rank in mini for micro in rank for i in micro) == list(range(16))
+        for m, mini in enumerate(plan):  # mini-batch m: each rank's m-th half, as in rollout order
+            assert sorted(i for rank in mini for micro in rank for i in micro) == \
+                [r * 8 + i for r in (0, 1) for i in range(4 * m, 4 * m + 4)]
+            assert [len(rank) for rank in mini] == [2, 2] and all(len(mb) <= 2 for rank in mini for mb in rank)
+        per_rank = [sum(padded(mb) for mini in plan for mb in mini[r]) for r in (0, 1)]
+        if not balance:
+            assert per_rank == [2 * (410 + 330) + 2 * (250 + 170), 2 * (50 + 42) + 2 * (34 + 26)]  # 2,320 and 304
+        else:  # mini-batch 0 sorted: 400 360 | 320 280 | 40 36 | 32 28 -> bins of 820, 660, 100, 84 padded tokens;
+            # snake: rank 0 takes 820 and 84, rank 1 660 and 100. Mini-batch 1: 500, 340, 68, 52 -> 500 + 52, 340 + 68
+            assert per_rank == [820 + 84 + 500 + 52, 660 + 100 + 340 + 68]
+
+
+def test_rollout_weights_by_hand():
+    """log pi_old - log pi_sample = ln 3, ln 0.5, 0 on three tokens of one response, ln 1.5 on one of another; cap 2.
+    token: min(ratio, 2) = 2, 0.5, 1 and 1.5. sequence: the first response's ratio 3 * 0.5 * 1 = 1.5 is inside
+    [1/2, 2], kept; with a cap of 1.4 it is left out, while the second (1.5) is left out too, and a third of ratio
+    0.75 stays."""
+    import math as m
+    sample = torch.zeros(3, 3)
+    old = torch.tensor([[m.log(3), m.log(0.5), 0.0], [m.log(1.5), 0.0, 0.0], [m.log(0.75), 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0], [1, 0, 0]])
+    token = grpo.rollout_weights(old, sample, mask, "token", cap=2.0)
+    assert token[0].tolist() == pytest.approx([2.0, 0.5, 1.0]) and token[1, 0].item() == pytest.approx(1.5)
+    assert grpo.rollout_weights(old, sample, mask, "sequence", cap=2.0)[:, 0].tolist() == [1.0, 1.0, 1.0]
+    assert grpo.rollout_weights(old, sample, mask, "sequence", cap=1.4)[:, 0].tolist() == [0.0, 0.0, 1.0]
+    assert grpo.rollout_weights(old, sample, mask, "none") is None
+    loss, _ = grpo.policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.tensor([1.0]), torch.ones(1, 2),
+                               2, beta=0, weights=torch.tensor([[2.0, 0.5]]))
+    assert loss.item() == pytest.approx(-(2.0 + 0.5) / 2)  # each token's -A weighed: (-2 - 0.5) / 2 tokens
+
+
+def test_the_rollout_policy_gap_is_nil_in_the_training_dtype_and_not_in_bf16(sft_tiny):
+    """Rollouts from an inference copy in the policy's own dtype (fp32 here) carry each token's log-prob under the
+    distribution it was drawn from, equal to the training forward's to float tolerance: the gap is ~0. From a bf16
+    copy (what a GPU run samples from) the same tokens differ measurably: the gap GRPO logs is real."""
+    from plumbing.distributed import setup_distributed
+    path, _ = sft_tiny
+    setup_distributed()
+    cpu, processor = torch.device("cpu"), data.load_processor(path)
+    policy = sft.load_sharded(path, cpu)
+    prompts = data.load_rl_data("toy")[:4]
+    gaps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        infer = grpo.inference_copy(policy, path, dtype, cpu)
+        rows = rollouts(infer, processor, prompts, args_for("--group-size", "2", "--temperature", "1.0",
+                                                            "--max-new-tokens", "16"), seeds=[1, 2, 3, 4])
+        batch, response, mask = grpo.sequence_batch(processor, rows, cpu)
+        with torch.no_grad():
+            logp, _ = grpo.token_logprobs(policy, batch, response, temperature=1.0)
+        sample = grpo.pad_rows([torch.tensor(r.sample_logp) for r in rows], response.shape[1], cpu)
+        gaps[dtype] = ((logp - sample).abs() * mask).max().item()
+    assert gaps[torch.float32] < 1e-4 and gaps[torch.bfloat16] > 1e-3, gaps
+
+
+def test_the_refresh_gathers_only_what_trains_in_the_copys_dtype(model):
+    """Frozen weights (here the vision tower) were filled once and are not gathered again; the trained ones arrive
+    cast to the copy's dtype: the bytes gathered are the trained parameters' count times 2 for a bf16 copy."""
+    copy = data.load_model("tiny", dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("model.visual"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    gathered = grpo.refresh_inference_copy(model, copy)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert gathered == 2 * sum(p.numel() for _, p in trained)
+    copies = dict(copy.named_parameters())
+    assert all(torch.equal(copies[n], p.to(torch.bfloat16)) for n, p in trained)
+    assert not any(torch.equal(copies[n], p.to(torch.bfloat16)) for n, p in model.named_parameters()
+                   if n.startswith("model.visual") and p.dim() > 1)  # untouched: still the old values

@@ -16,7 +16,7 @@ LAYERS = [
     {"sft"},
     {"grpo", "evaluate"},
     {"toy.make_toy", "toy.miniature", "bench.bench_generate"},
-    {"bench.bench_sft", "bench.bench_memory", "bench.bench_rewards"},
+    {"bench.bench_sft", "bench.bench_memory", "bench.bench_rewards", "bench.bench_grpo"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -157,7 +157,7 @@ def test_grpo_step_and_rewards_on_real_token_decodes(tmp_path):
     out = tmp_path / "grpo"
     grpo.main(["--model", "tiny-qwen", "--data", "toy", "--out", str(out), "--max-steps", "1",
                "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12"])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in row]
     assert len(metrics) == 1 and all(v == v for v in metrics[0].values() if isinstance(v, float))
 
 
@@ -189,3 +189,42 @@ def test_without_qwens_files_tiny_qwen_is_one_clear_error(tmp_path, monkeypatch)
     (tmp_path / "vocab.json").write_text("{}")  # merges.txt missing
     with pytest.raises(data.DataError, match="tiny-qwen needs Qwen2's vocab.json and merges.txt"):
         data.load_processor("tiny-qwen")
+
+
+def test_greedy_rows_equal_model_generate_with_and_without_its_repetition_penalty(qwen):
+    """Our decode loop against transformers' model.generate on Qwen's real surface: 14 prompts of mixed lengths, 3
+    with images, each with its own budget, through 3 slots. Penalty off: model.generate(do_sample=False). With
+    Qwen2.5-VL-7B-Instruct's generation_config.json (sampling at top_k 1, i.e. argmax, and repetition penalty
+    1.05), model.generate's defaults equal our greedy with --repetition-penalty 1.05. A token kept 1% ahead of the
+    rest repeats without the penalty and not with it, so the check is not empty. The 399 embedding rows without a
+    token, which we never sample, are suppressed on the transformers side."""
+    model, processor = qwen
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 1
+    no_token = list(range(len(processor.tokenizer), model.config.get_text_config().vocab_size))
+    picture = Image.new("RGB", (112, 84), (200, 40, 40))
+    questions = ["What is 2 + 3?", "Name a prime.", "Say yes " * 9, "Count: 1 2 3", "Why?" * 3, "x", "a b c d e f g",
+                 "Add 17 and 25, then halve it.", "Repeat after me: the the the", "Q" * 40, "Hello there"]
+    convs = [[data.user_message(q)] for q in questions] + [
+        [data.user_message("Describe <image 1>.", [picture])], [data.user_message("Two:", [picture, picture])],
+        [data.user_message("A long one about <image 1> " * 4, [picture])]]
+    budgets = [3 + (7 * i) % 12 for i in range(len(convs))]
+
+    def lead(_, __, logits):  # one token 1% ahead everywhere: it repeats unless a penalty (1.05: ~5%) holds it back
+        top = logits.max(-1).values
+        logits[..., 9707] = top + 0.01 * top.abs()
+        return logits
+    handle, rows = model.lm_head.register_forward_hook(lead), {}
+    try:
+        for penalty, theirs in ((1.0, dict(do_sample=False, repetition_penalty=1.0)), (1.05, {})):
+            ours = G.generate(model, processor, convs, max_new_tokens=budgets, batch_size=3,
+                              repetition_penalty=penalty)
+            rows[penalty] = [c.token_ids for c in ours]
+            for conv, budget, c in zip(convs, budgets, ours):
+                inputs = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt")
+                out = model.generate(**inputs, max_new_tokens=budget, suppress_tokens=no_token, **theirs)
+                assert c.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist(), (penalty, conv)
+    finally:
+        handle.remove()
+    assert all(set(r) == {9707} for r in rows[1.0])  # no penalty: the leading token throughout
+    assert rows[1.05] != rows[1.0]  # the penalty holds it back once it is seen
