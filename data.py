@@ -10,7 +10,7 @@ Every stage imports this file; it holds no training logic. In pipeline order:
   multiple-choice rows for the X-Reasoner-Med continuation.
 - Benchmark rows (MMMU's string-repr options and image_1..7, MathVista's choices, ...) -> one task dict each.
 - Models through `from_pretrained`, `--model tiny` included: a few-layer Qwen2.5-VL built once, offline, with the
-  real transformers classes and processor (toy/tiny.py), loaded exactly as Qwen/Qwen2.5-VL-7B-Instruct is.
+  real transformers classes and processor (plumbing/tiny.py), loaded exactly as Qwen/Qwen2.5-VL-7B-Instruct is.
 Malformed rows are counted and skipped with a message, never dropped silently.
 
     python data.py --model tiny           # build (if needed) and print the tiny checkpoint's path
@@ -32,7 +32,7 @@ from pathlib import Path
 # `import data` stays light for the processes that only read rows (a test holds it to that).
 
 from plumbing.cli import POSITIVE_INT, DataError, check_model_dir, cli, cli_parser, hub_id
-from toy import tiny
+from plumbing import tiny
 
 # ----------------------------------------------------------------------------------------------------
 # The paper's prompts (appendix C), verbatim.
@@ -517,7 +517,7 @@ def load_benchmark(bench, spec, source=None, image_root=None, images=True, exclu
 
 
 # ----------------------------------------------------------------------------------------------------
-# Models: from_pretrained for everything; `tiny` is built locally once (toy/tiny.py), then read back the same way
+# Models: from_pretrained for everything; `tiny` is built locally once (plumbing/tiny.py), then read back the same way
 
 TINY = ("tiny", "tiny-text", "tiny-qwen")  # names of the locally built models
 # Qwen2's vocab.json and merges.txt, for tiny-qwen: ../shared/qwen2-tokenizer beside the checkout, or QWEN2_TOKENIZER
@@ -548,7 +548,7 @@ def check_model(name):
 
 
 def resolve_model(name):
-    """A path or hub id for from_pretrained; the tiny models are built on first use (toy/tiny.py)."""
+    """A path or hub id for from_pretrained; the tiny models are built on first use (plumbing/tiny.py)."""
     name = check_model(name)
     if name not in TINY:
         return name

@@ -30,14 +30,12 @@ from tqdm import tqdm
 
 import data
 import generate
-from plumbing.charts import svg_page
-from plumbing.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser, passed_flags,
-                           toy_preset)
+from plumbing.cli import (COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, DataError, cli, cli_parser,
+                           passed_flags, toy_preset)
 from plumbing.distributed import all_reduce_dict, setup_distributed, shard
-from plumbing import runs
-from plumbing.runs import fingerprint, write_atomic
-from rewards import (choice_letter, extract_answer, last_boxed, math_equal, mmmu_normalize, mmmu_open_predictions,
-                     official_choice)
+from plumbing import records, runs
+from plumbing.records import fingerprint
+from rewards import NUMBER, choice_letter, extract_answer, last_boxed, math_equal
 
 # ----------------------------------------------------------------------------------------------------
 # The benchmarks
@@ -147,7 +145,69 @@ def paper_numbers(bench):
 # ----------------------------------------------------------------------------------------------------
 # Judging: the official rules, made deterministic
 
-def tagged(response):
+# MMMU-Pro's and MMMU's own parsers for untagged prose, ported rule for rule (their scripts: mmmu-pro/evaluate.py,
+# mmmu/eval_utils.py); our own answer format is read with rewards.py first
+
+def official_choice(response, options):
+    """MMMU-Pro's parse_multi_choice_response (mmmu-pro/evaluate.py), minus its random guess: None instead."""
+    letters = [chr(ord("A") + i) for i in range(len(options))]
+    last = response.rfind("Answer:")
+    if last != -1:
+        named = [c for c in letters if c in response[last + len("Answer:"):].strip()]
+        if len(named) == 1:
+            return named[0]
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = f" {response} "
+    candidates = [c for c in letters if f"({c})" in response]
+    brackets = bool(candidates)
+    candidates = (candidates or [c for c in letters if f"{c} " in response]
+                  or [c for c in letters if f"{c}." in response])
+    by_text = False
+    if not candidates and len(response.split()) > 5:
+        candidates = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
+        by_text = True
+    if not candidates:
+        return None
+    if by_text:  # several: the one mentioned last
+        return max(candidates, key=lambda c: response.lower().rfind(options[letters.index(c)].lower()))
+    return max(candidates, key=lambda c: response.rfind(f"({c})" if brackets else f" {c} "))
+
+
+def mmmu_normalize(s):
+    """MMMU's normalize_str: numbers to floats rounded to 2 decimals, other strings lower-cased."""
+    s = str(s).strip()
+    try:
+        return [round(float(s.replace(",", "")), 2)]
+    except ValueError:
+        s = s.lower()
+        return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+def mmmu_open_predictions(response):
+    """MMMU's parse_open_response: the tails of the key sentences plus every number in them."""
+    response = response.strip().strip(".").lower()
+    sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys, indicators = [], ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+    for i, sentence in enumerate(sentences):
+        shortest = None  # the shortest tail; as in the original, an empty tail does not count as found
+        for ind in indicators + (["="] if i == len(sentences) - 1 else []):
+            tail = sentence.split(ind)[-1].strip() if ind in sentence else None
+            if tail is not None and (not shortest or len(tail) < len(shortest)):
+                shortest = tail
+        if shortest and shortest not in [":", ",", ".", "!", "?", ";", "'"]:
+            keys.append(shortest)
+    keys = keys or [response]
+    found = [n for k in keys for n in re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", k)
+             + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", k)
+             + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", k)]
+    return [p for s in keys + found for p in mmmu_normalize(s)]
+
+
+
+def marked(response):
+    """Whether a response marks its answer (an <answer> tag, a closed thought, or a box), so that rewards.py reads
+    it; an unmarked response is prose, read by the benchmark's own rules."""
     return "<answer>" in response or "</think>" in response or last_boxed(response) is not None
 
 
@@ -169,7 +229,6 @@ def judge_choice(response, options, answer):
     return letter, letter == answer
 
 
-NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<![\w.])-?\.\d+")
 WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
                                          "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())}
 ANSWER_IS = re.compile(r"answer\b[^.\n]{0,40}?(?:\bis\b|:|=)", re.IGNORECASE)
@@ -182,7 +241,7 @@ def numbers(text):
 
 
 def prose_number(text):
-    """The final number of untagged prose: the first after the last "answer is", else the last of all."""
+    """The final number of unmarked prose: the first after the last "answer is", else the last of all."""
     phrases = list(ANSWER_IS.finditer(text))
     if phrases:
         tail = numbers(text[phrases[-1].end():].split("\n")[0])
@@ -193,13 +252,13 @@ def prose_number(text):
 
 
 def judge_math(response, answer):
-    """Free-form answers: rewards.math_equal on the tagged answer, or on the final number of untagged prose."""
+    """Free-form answers: rewards.math_equal on the marked answer, or on the final number of unmarked prose."""
     if still_thinking(response):
         return None, False
     extracted = extract_answer(response)
     if extracted is None:
         return None, False
-    if not tagged(response) and len(extracted.split()) > 3 and not math_equal(extracted, answer):
+    if not marked(response) and len(extracted.split()) > 3 and not math_equal(extracted, answer):
         extracted = prose_number(extracted) or extracted
     return extracted, math_equal(extracted, answer)
 
@@ -247,12 +306,12 @@ def mathvista_extract(response, row):
         return text
     if re.fullmatch(r"-?\d+(\.\d+)?", text):
         return text
-    if tagged(text):
+    if marked(text):
         text = extract_answer(text, prose=False, several=False) or ""
         if multi:  # a choice's own text -> its letter: the official rules read "(b)" as option B
             return data.LETTERS[choices.index(text)] if text in choices else choice_letter(text, choices) or text
         return text if row["answer_type"] == "list" else (prose_number(text) or text)
-    if multi:  # untagged: the last "answer/option is X" that names a choice, a final bare letter, "(X)", a text
+    if multi:  # unmarked: the last "answer/option is X" that names a choice, a final bare letter, "(X)", a text
         letters = data.LETTERS[:len(choices)]
         for phrase in reversed(list(CHOICE_IS.finditer(text))):  # the phrase must be followed by the choice
             tail = text[phrase.end():].split("\n")[0].replace("*", "").strip(" .:")
@@ -288,7 +347,7 @@ def judge_mmmu_open(response, answer):
     """MMMU's eval_open: a gold number must equal a predicted number; a gold string must occur in a prediction."""
     if still_thinking(response):
         return None, False
-    text = (extract_answer(response, prose=False, several=False) or "") if tagged(response) else response
+    text = (extract_answer(response, prose=False, several=False) or "") if marked(response) else response
     golds = ast.literal_eval(answer) if answer.strip().startswith("[") else [answer]
     norm = [g for gold in golds for g in mmmu_normalize(gold)]
     preds = mmmu_open_predictions(text)
@@ -392,7 +451,8 @@ def main(argv=None):
                 summaries.append(s)
                 print(f"{bench}: {s['accuracy']}% of {s['n']}", file=sys.stderr)
         if rank == 0 and summaries:
-            write_results(Path(args.out), summaries, args)
+            print(records.write_results(Path(args.out), summaries, PAPER_MODELS, args.compare, bool(args.exclude_ids),
+                                        f"{args.model}: {args.samples} samples at temperature {args.temperature}"))
     if failed:
         raise DataError(f"{len(failed)} benchmark(s) not evaluated: {', '.join(failed)}")
     return summaries
@@ -402,14 +462,14 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     """One benchmark: each rank generates and judges its share of the (item, sample) pairs not yet on disk,
     appending one JSON line per sample; rank 0 returns the summary (the others None)."""
     tasks, skipped = data.load_benchmark(bench, BENCHMARKS[bench], source, args.image_root, not args.no_image,
-                                         runs.read_ids(args.exclude_ids, bench), args.limit)
+                                         records.read_ids(args.exclude_ids, bench), args.limit)
     done = open_records(Path(args.out), bench, args, rank)
     todo = shard([(t, k) for t in tasks for k in range(args.samples) if (t["id"], k) not in done], rank, world)
     path = Path(args.out) / (f"{bench}.jsonl" if world == 1 else f"{bench}.rank{rank}.jsonl")
     decoded = {"decode_forwards": 0, "live": 0.0, "slots": 0, "generated": len(todo)}  # occupancy: live / slots
     with open(path, "a") as f, tqdm(total=len(todo), desc=bench, disable=rank != 0) as bar:
         if f.tell() and not path.read_bytes().endswith(b"\n"):
-            f.write("\n")  # end the line a crash cut short; runs.read_records skips it
+            f.write("\n")  # end the line a crash cut short; records.read_records skips it
         for start in range(0, len(todo), args.batch_size * 16):  # parts, each on disk before the next: resumable
             part, s = todo[start:start + args.batch_size * 16], {}
             seeds = [generate.row_seed(args.seed, zlib.crc32(f"{t['id']}/{k}".encode())) for t, k in part]
@@ -435,15 +495,15 @@ def evaluate_bench(bench, source, args, model, processor, rank, world):
     if rank != 0:
         return None
     ids = {t["id"] for t in tasks}
-    records = [r for (i, k), r in runs.read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
+    samples = [r for (i, k), r in records.read_records(Path(args.out), bench).items() if i in ids and k < args.samples]
     if args.text_solvable_out:  # Table 6: the items answered right in all K image-free samples
         by_id = {}
-        for r in records:
+        for r in samples:
             by_id.setdefault(r["id"], []).append(r["correct"])
-        runs.write_solvable(args.text_solvable_out, bench,
-                            sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
+        records.write_solvable(args.text_solvable_out, bench,
+                               sorted(i for i, c in by_id.items() if len(c) == args.samples and all(c)))
     # the decoding of this call: after a resume it generated only the samples missing from the records
-    return summarize(bench, records, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint,
+    return summarize(bench, samples, args.samples, skipped) | {"model": args.model, "fingerprint": args.fingerprint,
                                                                "generated": int(decoded["generated"]),
                                                                "decode_forwards": int(decoded["decode_forwards"]),
                                                                "occupancy": decoded["live"] / max(decoded["slots"], 1)}
@@ -455,7 +515,7 @@ def prompt_text(bench, t, template=None):
 
 
 # ====================================================================================================
-# Plumbing: where the data comes from, summaries and tables (the records on disk: plumbing/runs.py)
+# Plumbing: where the data comes from, and summaries (the files on disk, records and results: plumbing/records.py)
 
 def requested(args):
     """The benchmarks asked for, and where each one's rows come from (--data; the hub where not given)."""
@@ -484,8 +544,8 @@ def open_records(out, bench, args, rank):
                                               "template")}
     if args.repetition_penalty != 1.0:  # recorded only when used: records made before the flag existed stay valid
         protocol["repetition_penalty"] = args.repetition_penalty
-    runs.reuse_records(out, bench, protocol, args.fingerprint, args.model, rank)
-    return runs.read_records(out, bench)
+    records.reuse_records(out, bench, protocol, args.fingerprint, args.model, rank)
+    return records.read_records(out, bench)
 
 
 def summarize(bench, records, k, skipped):
@@ -505,49 +565,8 @@ def summarize(bench, records, k, skipped):
             "forced_exit_pct": round(100 * sum(r["finish_reason"] == "forced_exit" for r in records)
                                      / max(len(records), 1), 2),
             "mean_words": round(sum(r["words"] for r in records) / max(len(records), 1), 1),
-            "paper": paper_numbers(bench), "paper_text_solvable": TEXT_SOLVABLE.get(bench)}
-
-
-def table(summaries, compare, text_solvable=False):
-    """The results as Markdown, under a line naming the model(s) scored; with `compare`, the paper's numbers
-    beside ours (Table 6's with `text_solvable`)."""
-    k = summaries[0]["samples"] if summaries else 1
-    models = sorted({(s.get("model"), s.get("fingerprint")) for s in summaries if s.get("model")})
-    title = "model: " + "; ".join(f"`{m}` (fingerprint {f})" for m, f in models) + "\n\n" if models else ""
-    head = ["benchmark", "n", "accuracy" if k == 1 else f"avg@{k}"] + ([f"maj@{k}", f"pass@{k}"] if k > 1 else [])
-    head += ["forced exit %", "words"]
-    if compare and text_solvable:
-        head += ["paper n (T6)", "paper Qwen2.5-VL-7B (T6)", "paper X-Reasoner (T6)"]
-    elif compare:
-        head += [f"paper {name}" for name in PAPER_MODELS.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summaries:
-        cells = [BENCHMARKS.get(s["bench"], {}).get("label", s["bench"]), s["n"], s["accuracy"]]
-        cells += ([s[f"maj@{k}"], s[f"pass@{k}"]] if k > 1 else []) + [s["forced_exit_pct"], s["mean_words"]]
-        if compare and text_solvable:
-            t6 = TEXT_SOLVABLE.get(s["bench"])  # (original, text-solvable, remaining, base, xr)
-            cells += list(t6[2:]) if t6 else ["not reported"] * 3
-        elif compare:
-            cells += [paper_numbers(s["bench"]).get(m, "not reported") for m in PAPER_MODELS]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return title + "\n".join(lines)
-
-
-def write_results(out, summaries, args):
-    """summary.json and results.md (every benchmark evaluated into --out so far), the table printed, and with
-    --samples K the avg/maj/pass@K bars of the sampling study (§3) in results.svg."""
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    summary.update({s["bench"]: s for s in summaries})
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    write_atomic(out / "results.md", table(list(summary.values()), args.compare, bool(args.exclude_ids)) + "\n")
-    print(table(summaries, args.compare, bool(args.exclude_ids)))
-    if args.samples > 1:
-        k, names = args.samples, [s["bench"] for s in summaries]
-        bars = [(f"{metric}@{k}", [s[key] for s in summaries]) for metric, key in
-                (("avg", "accuracy"), ("maj", f"maj@{k}"), ("pass", f"pass@{k}"))]
-        write_atomic(out / "results.svg", svg_page([("accuracy (%)", names, bars, None, True)],
-                                                   f"{args.model}: {k} samples at temperature {args.temperature}",
-                                                   max(520, 160 * len(names) + 80), 320, 1))
+            "label": BENCHMARKS.get(bench, {}).get("label", bench), "paper": paper_numbers(bench),
+            "paper_text_solvable": TEXT_SOLVABLE.get(bench)}
 
 
 if __name__ == "__main__":

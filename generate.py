@@ -458,10 +458,14 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     return results
 
 
-def row_seed(base, key):
-    """The seed of one row's sampling stream, from the run's seed and the row's own key (its index, or a hash of
-    (question, sample)): a row samples the same tokens whatever batch, rank or order it lands in."""
-    return base * 1_000_003 + key
+def row_seed(*keys):
+    """The seed of one row's sampling stream, from the keys that name the row: the run's seed, then e.g. its index,
+    or a hash of (question, sample), or (step, prompt, sample) in GRPO. A row samples the same tokens whatever batch,
+    rank or order it lands in. row_seed(a, b) = a * 1,000,003 + b; more keys fold in the same way (mod 2^63)."""
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + key) % 2 ** 63
+    return seed
 
 
 # ----------------------------------------------------------------------------------------------------

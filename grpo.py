@@ -45,7 +45,7 @@ import data
 import generate
 import rewards
 import sft
-from plumbing import runs
+from plumbing import checkpoints, runs
 from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, accepting, cli,
                            cli_parser, int_at_least, toy_preset)
 from plumbing.distributed import (all_reduce_dict, all_reduce_sum, clip_grad_norm, full_tensor, optimizer_state,
@@ -132,7 +132,7 @@ class Rollout:
     sample_logp: list        # per token: its log-prob under the distribution the inference copy drew it from
     text: str
     finish_reason: str       # "stop", "length" (cut at --max-new-tokens) or "forced_exit"
-    # grpo_step(): its group-relative advantage (eq. 1), and whether it takes part in the loss (--truncated mask)
+    # score_rollouts(): whether it takes part in the loss (--truncated mask); grpo_step(): its advantage (eq. 1)
     advantage: float = 0.0
     in_loss: bool = True
     # reference_and_old_logprobs(): per-token log-probs, (T,), or None when not needed
@@ -146,13 +146,14 @@ class Rollout:
         return (self.sampled or [1] * len(self.token_ids)) if self.in_loss else [0] * len(self.token_ids)
 
 
-def rollouts(infer, processor, prompts, seeds, *, group_size, temperature, max_new_tokens, think_budget,
+def rollouts(infer, processor, prompts, keys, *, group_size, temperature, max_new_tokens, think_budget,
              answer_budget, gen_batch, progress=False, stats=None):
     """`group_size` responses to each prompt, consecutive, so a group is rows [g * group_size, (g+1) * group_size).
-    One seed per (prompt, sample): the same rollouts on 1 GPU or 64. All of them in one call: `gen_batch` slots,
-    each refilled as soon as its row ends."""
+    `keys`: per prompt, what names it in the run, (run seed, step, prompt index); each response samples from
+    generate.row_seed(*key, sample), so the rollouts are the same on 1 GPU or 64. All of them in one call:
+    `gen_batch` slots, each refilled as soon as its row ends."""
     chats = [p["messages"] for p in prompts for _ in range(group_size)]
-    seeds = [s * group_size + k for s in seeds for k in range(group_size)]
+    seeds = [generate.row_seed(*key, k) for key in keys for k in range(group_size)]
     completions = generate.generate(infer, processor, chats, max_new_tokens=max_new_tokens, temperature=temperature,
                                     think_budget=think_budget, answer_budget=answer_budget, batch_size=gen_batch,
                                     seed=seeds, progress=progress, stats=stats)
@@ -271,6 +272,14 @@ def token_logprobs(model, batch, response, temperature=1.0, chunk=1024):
     return torch.cat([p[0] for p in parts]).view(B, T), torch.cat([p[1] for p in parts]).view(B, T)
 
 
+def pad_rows(values, width, device):
+    """Ragged per-row tensors into one (B, width) tensor, zero-padded."""
+    out = torch.zeros(len(values), width, device=device)
+    for i, v in enumerate(values):
+        out[i, :len(v)] = v.to(device)
+    return out
+
+
 @torch.no_grad()
 def reference_and_old_logprobs(policy, reference, processor, passes, *, temperature, need_old, device):
     """Each row's log-probs under the frozen reference (for the KL) and, with several PPO mini-batches, under the
@@ -339,12 +348,13 @@ def update(policy, optimizer, processor, passes, *, temperature, eps_low, eps_hi
     """Steps 5-6: policy_loss over the mini-batches of `passes` (training_passes; each one AdamW step), micro-batch
     by micro-batch (each one forward and backward, gradients reduce-scattered at once). Returns the sums the
     metrics are made of, the rollout-policy gap among them: |log pi_old - log pi_sample| per sampled token."""
-    stats = dict.fromkeys(["loss", "kl", "clipped", "entropy", "tokens", "grad_norm", "ratio_dev", "gap", "gap_max",
-                           "gap_outside"], 0.0)
+    sums = ["loss", "kl", "clipped", "entropy", "tokens", "gap", "gap_outside"]  # added up over micro-batches
+    stats = dict.fromkeys([*sums, "grad_norm", "ratio_dev", "gap_max"], 0.0)
     for mini in passes:
         # sampled tokens in the mini-batch, all ranks
         n_tokens = all_reduce_sum(torch.tensor(float(sum(sum(r.sampled_mask()) for mb in mini for r in mb)),
                                                device=device))
+        parts = []  # each micro-batch's statistics as tensors, read once at the mini-batch's end (one device sync)
         for mb in mini:
             batch, response, mask = sequence_batch(processor, mb, device)
             logp, entropy = token_logprobs(policy, batch, response, temperature)                     # (B, T)
@@ -357,15 +367,13 @@ def update(policy, optimizer, processor, passes, *, temperature, eps_low, eps_hi
                                      n_tokens, eps_low, eps_high, beta, dual_clip,
                                      rollout_weights(old, sample, mask, correction, cap))
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global mean
-            stats["loss"] += loss.item()
-            stats["kl"] += part["kl"].item()
-            stats["clipped"] += part["clipped"].item()
-            stats["ratio_dev"] = max(stats["ratio_dev"], part["ratio_dev"].item())
-            stats["entropy"] += (entropy * mask).sum().item()
-            stats["tokens"] += mask.sum().item()
-            stats["gap"] += gap.sum().item()
-            stats["gap_max"] = max(stats["gap_max"], gap.max().item())
-            stats["gap_outside"] += ((gap > math.log(2)) * mask).sum().item()  # pi_old / pi_sample outside [0.5, 2]
+            parts.append(torch.stack([loss.detach(), part["kl"], part["clipped"], (entropy * mask).sum(), mask.sum(),
+                                      gap.sum(), ((gap > math.log(2)) * mask).sum(),  # pi_old/pi_sample outside [.5, 2]
+                                      part["ratio_dev"], gap.max()]))
+        read = torch.stack(parts)                                                      # (micro-batches, 9)
+        totals, largest = read[:, :len(sums)].sum(0).tolist(), read[:, len(sums):].amax(0).tolist()
+        stats.update({k: stats[k] + v for k, v in zip(sums, totals)})
+        stats["ratio_dev"], stats["gap_max"] = max(stats["ratio_dev"], largest[0]), max(stats["gap_max"], largest[1])
         stats["grad_norm"] = clip_grad_norm([p for p in policy.parameters() if p.requires_grad], grad_clip)
         refuse_non_finite(stats["grad_norm"])
         optimizer.step()
@@ -409,7 +417,7 @@ def step_metrics(rows, reward, advantages, stats, decoding, group_size, device):
         "groups": len(rows) // group_size, "flat_groups": (reward.view(-1, group_size).std(1) == 0).sum().item(),
         "response_tokens": sum(lengths), "truncated": sum(r.finish_reason == "length" for r in rows),
         "forced_exit": sum(r.finish_reason == "forced_exit" for r in rows),
-        "tagged": sum(rewards.extract_answer(r.text, require_tags=True) is not None for r in rows),
+        "tagged": sum(rewards.tagged(r.text) for r in rows),
         "kl": stats["kl"], "ppo_clipped": stats["clipped"], "entropy": stats["entropy"], "gap": stats["gap"],
         "gap_outside": stats["gap_outside"],
         "loss_tokens": stats["tokens"], "loss": stats["loss"], "occupancy": decoding["occupancy"], "ranks": 1}, device)
@@ -434,7 +442,7 @@ def training_state(policy, optimizer, reference):
             *(reference.parameters() if reference is not None else [])]
 
 
-def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, args, rank, world, device, progress):
+def grpo_step(policy, reference, infer, optimizer, processor, prompts, keys, args, rank, world, device, progress):
     """Steps 1-7 on this rank's prompts (the training passes: the step's rows dealt over all ranks). With --offload,
     the training state waits in host memory while the inference copy generates, and the copy waits while the
     policy trains; the weights the refresh will overwrite are dropped, not copied out and back."""
@@ -445,7 +453,7 @@ def grpo_step(policy, reference, infer, optimizer, processor, prompts, seeds, ar
     with parked(training_state(policy, optimizer, reference), args.offload):
         # 1. rollouts; seeds follow (step, prompt), not the rank
         decoding = {}  # this rank's decode forwards and slot occupancy
-        rows = rollouts(infer, processor, prompts, seeds, group_size=args.group_size,
+        rows = rollouts(infer, processor, prompts, keys, group_size=args.group_size,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                         think_budget=args.think_budget, answer_budget=args.answer_budget, gen_batch=args.gen_batch,
                         progress=progress, stats=decoding)
@@ -487,7 +495,7 @@ def validate(infer, processor, prompts, args, rank, world, device):
                                   [p["options"] for p in mine], processes=args.reward_processes, require_tags=True)
     total = all_reduce_dict({
         "right": sum(r for r, c in zip(right, completions) if c.finish_reason != "length"), "n": len(mine),
-        "tagged": sum(rewards.extract_answer(c.text, require_tags=True) is not None for c in completions)}, device)
+        "tagged": sum(rewards.tagged(c.text) for c in completions)}, device)
     return {"val_reward": total["right"] / total["n"], "val_tagged": total["tagged"] / total["n"]}
 
 
@@ -514,7 +522,7 @@ def main(argv=None):
     total = steps_per_epoch * args.epochs if args.max_steps is None else args.max_steps
     # the run owns --out from here: a second run into it is refused
     with runs.locked(args.out, rank, device, lambda: runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)):
-        state = runs.load_checkpoint(policy, optimizer, args.resume, rank, world) if args.resume else {"step": 0}
+        state = checkpoints.load_checkpoint(policy, optimizer, args.resume, rank, world) if args.resume else {"step": 0}
         if args.resume:
             refresh_inference_copy(policy, infer, everything=True)
         runs.start_run(args, "grpo", rank, world, state["step"] if args.resume else None)
@@ -538,8 +546,8 @@ def main(argv=None):
             lr = lr_at(step, args, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            seeds = [generate.row_seed(args.seed * 100_003 + step, i) for i in mine]  # per (step, prompt)
-            row = grpo_step(policy, reference, infer, optimizer, processor, [prompts[i] for i in mine], seeds, args,
+            keys = [(args.seed, step, i) for i in mine]  # the rollouts' seeds: (step, prompt), not the rank
+            row = grpo_step(policy, reference, infer, optimizer, processor, [prompts[i] for i in mine], keys, args,
                             rank, world, device, progress=rank == 0)
             step += 1
             row = {"step": step, "epoch": epoch, **row, "lr": lr, **validation(step)}
@@ -547,7 +555,7 @@ def main(argv=None):
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}", len=f"{row['response_len']:.0f}")
             bar.update(1)
             due = bool(args.save_every and step % args.save_every == 0)
-            if runs.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
+            if checkpoints.save_if_due(preempt, policy, optimizer, processor, args, step, total, rank, due):
                 break
         bar.close()
         metrics.draw()
@@ -612,14 +620,6 @@ def inference_copy(policy, name, dtype, device):
     copy.to_empty(device=device)
     refresh_inference_copy(policy, copy, everything=True)
     return copy.eval()
-
-
-def pad_rows(values, width, device):
-    """Ragged per-row tensors into one (B, width) tensor, zero-padded."""
-    out = torch.zeros(len(values), width, device=device)
-    for i, v in enumerate(values):
-        out[i, :len(v)] = v.to(device)
-    return out
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ its docstring):
                    translation (sympy's parse_latex needs antlr), equations as the same solution set
     math_reward / choice_reward     the 1.0 / 0.0 that GRPO and evaluate.py use
     batch_rewards                   many of them in parallel helper processes, each with a hard deadline
-    official_choice, mmmu_*         MMMU-Pro's and MMMU's own parsers for untagged prose (evaluate.py's judges)
+The benchmarks' own parsers for untagged prose (MMMU, MMMU-Pro, MathVista) live beside evaluation, in evaluate.py.
 
 Nothing here makes two different answers equal: a different number, set, interval end or tuple order scores 0,
 and so do several answers to a question with one (tests/test_rewards.py holds a negative case for every rule).
@@ -70,7 +70,8 @@ ANSWER_PHRASE = re.compile(rf"(?:{ANSWER_WORDS.pattern})\s*(.+)", re.IGNORECASE)
 MATH_MODE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
 # a word of prose ("It is 9."), not a LaTeX command or a variable; two of them make a text prose
 PROSE_WORD = re.compile(r"(?<![\\A-Za-z])(?:[A-Za-z]{3,}|(?i:is|it|so|we|be|to|of|as|at|by))(?![A-Za-z])")
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")  # 12, 1,234, 3.5, 2/3, .4
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<![\w.])-?\.\d+")  # 12, -1,234, 3.5, .4: not inside a word
+NUMBER_OR_FRACTION = re.compile(rf"(?:{NUMBER.pattern})(?:/\d+)?")  # and 2/3, as prose writes a fraction
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -172,7 +173,7 @@ def prose_answer(text):
     spans = [(m.start(), next(g for g in m.groups() if g is not None)) for m in MATH_MODE.finditer(text)]
     if not spans and len(PROSE_WORD.findall(outside)) < 2:
         return text
-    numbers = [(m.start(), m.group(0).rstrip(",")) for m in NUMBER.finditer(outside)]
+    numbers = [(m.start(), m.group(0)) for m in NUMBER_OR_FRACTION.finditer(outside)]
     ends = sorted([m.start() for m in SENTENCE_END.finditer(outside)] + [  # and after a display, or math ending in "."
         m.end() - 1 for m in MATH_MODE.finditer(text)
         if m.group(1) or m.group(4) or m.group(0).rstrip("$\\)").endswith(".")])
@@ -197,6 +198,12 @@ def final_answer(text, prose=True, several=True):
     return (text if answer is None else answer).strip() or None
 
 
+def tagged(response):
+    """Whether a response gives its answer in the training format: inside <answer>...</answer> (appendix C's
+    training prompt asks for it). GRPO's reward reads nothing else (extract_answer's require_tags)."""
+    return re.search(r"<answer>.*?</answer>", response or "", re.S) is not None
+
+
 def extract_answer(response, require_tags=False, prose=True, several=True):
     """The final answer a model gave, or None when there is none (e.g. it never left <think>).
 
@@ -209,7 +216,7 @@ def extract_answer(response, require_tags=False, prose=True, several=True):
     if not response:
         return None
     response = END_OF_TURN.split(response, maxsplit=1)[0]
-    if require_tags and not re.search(r"<answer>.*?</answer>", response, re.S):
+    if require_tags and not tagged(response):
         return None
     start = response.rfind("<answer>")
     if start >= 0:
@@ -437,8 +444,12 @@ def answers(s):
 # ----------------------------------------------------------------------------------------------------
 # 4. LaTeX -> Python expression text (a small recursive-descent translator for the answer subset)
 
-FUNCTIONS = {"sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
-             "ln", "log", "exp"}
+# The functions an answer may use, once: LaTeX's name -> sympy's. Only these, the constants and the number classes
+# below reach parse_expr (to_sympy checks every name first; the whitelist is its whole namespace).
+FUNCTIONS = {"sin": "sin", "cos": "cos", "tan": "tan", "cot": "cot", "sec": "sec", "csc": "csc", "arcsin": "asin",
+             "arccos": "acos", "arctan": "atan", "sinh": "sinh", "cosh": "cosh", "tanh": "tanh", "ln": "log",
+             "log": "log", "exp": "exp"}
+MATH_NAMES = {*FUNCTIONS.values(), "sqrt", "root", "Abs", "pi", "E", "I", "oo"}  # what our translation writes
 # One-token translations. e and i are Euler's number and the imaginary unit, as in competition answers.
 SIMPLE = {"\\pi": "pi", "\\infty": "oo", "\\infinity": "oo", "\\cdot": "*", "\\times": "*", "*": "*", "\\div": "/",
           "e": "E", "i": "I", "+": "+", "-": "-", "/": "/", "(": "(", ")": ")", "!": "!", "[": "(", "]": ")"}
@@ -484,7 +495,7 @@ def _function(tok, tokens, pos, depth):
         pos += 1
     else:
         arg, pos = _argument(tokens, pos)
-    name = {"ln": "log", "arcsin": "asin", "arccos": "acos", "arctan": "atan"}.get(tok[1:], tok[1:])
+    name = FUNCTIONS[tok[1:]]
     arg = f"{arg}, {base}" if base else arg
     return f"{name}({arg})" + (f"**{power}" if power else ""), pos
 
@@ -560,8 +571,7 @@ def _sympy():
     if _SYMPY is None:
         import sympy  # heavy: see the docstring
         from sympy.parsing import sympy_parser as sp  # heavy
-        names = ("sqrt root sin cos tan cot sec csc asin acos atan sinh cosh tanh log exp Abs factorial pi E oo "
-                 "I Integer Float Rational Symbol Add Mul Pow").split()
+        names = MATH_NAMES | {"factorial", "Integer", "Float", "Rational", "Symbol", "Add", "Mul", "Pow"}  # parse_expr's
         whitelist = {name: getattr(sympy, name) for name in names}
 
         def factorial(n):  # sympy evaluates n! on construction, even under evaluate=False: check n first
@@ -583,9 +593,8 @@ def to_sympy(text):
     if re.search(r"(?<!\\)(?<![A-Za-z])[A-Za-z]{3,}", re.sub(r"\\[A-Za-z]+", " ", text)):
         raise NotMath("prose")  # words like "red" would otherwise become the product r*e*d
     names = set(re.findall(r"[A-Za-z_]\w*", code))
-    allowed = {"sqrt", "root", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "sinh", "cosh",
-               "tanh", "log", "exp", "Abs", "pi", "E", "I", "oo"}
-    if any(n.startswith("_") or (n not in allowed and not re.fullmatch(r"[A-Za-z]+_\w*|[A-Za-z]", n)) for n in names):
+    if any(n.startswith("_") or (n not in MATH_NAMES and not re.fullmatch(r"[A-Za-z]+_\w*|[A-Za-z]", n))
+           for n in names):
         raise NotMath("unknown name")  # multi-letter words are prose, not math
     sympy, sp, whitelist, transforms = _sympy()
     code = re.sub(r"(\d+\.\d*|\.\d+)", r"Rational('\1')", code)  # decimals exact: 0.75 is 3/4
@@ -956,65 +965,6 @@ def batch_rewards(responses, golds, options=None, processes=4, require_tags=Fals
     if _POOL is None or _POOL._max_workers != processes:  # threads (and their helpers) live across calls
         _POOL = ThreadPoolExecutor(processes)
     return list(_POOL.map(_score, items))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 10. The benchmarks' own parsers, ported rule for rule (evaluate.py reads untagged prose with them)
-
-def official_choice(response, options):
-    """MMMU-Pro's parse_multi_choice_response (mmmu-pro/evaluate.py), minus its random guess: None instead."""
-    letters = [chr(ord("A") + i) for i in range(len(options))]
-    last = response.rfind("Answer:")
-    if last != -1:
-        named = [c for c in letters if c in response[last + len("Answer:"):].strip()]
-        if len(named) == 1:
-            return named[0]
-    for char in [",", ".", "!", "?", ";", ":", "'"]:
-        response = response.strip(char)
-    response = f" {response} "
-    candidates = [c for c in letters if f"({c})" in response]
-    brackets = bool(candidates)
-    candidates = (candidates or [c for c in letters if f"{c} " in response]
-                  or [c for c in letters if f"{c}." in response])
-    by_text = False
-    if not candidates and len(response.split()) > 5:
-        candidates = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
-        by_text = True
-    if not candidates:
-        return None
-    if by_text:  # several: the one mentioned last
-        return max(candidates, key=lambda c: response.lower().rfind(options[letters.index(c)].lower()))
-    return max(candidates, key=lambda c: response.rfind(f"({c})" if brackets else f" {c} "))
-
-
-def mmmu_normalize(s):
-    """MMMU's normalize_str: numbers to floats rounded to 2 decimals, other strings lower-cased."""
-    s = str(s).strip()
-    try:
-        return [round(float(s.replace(",", "")), 2)]
-    except ValueError:
-        s = s.lower()
-        return [" " + s, s + " "] if len(s) == 1 else [s]
-
-
-def mmmu_open_predictions(response):
-    """MMMU's parse_open_response: the tails of the key sentences plus every number in them."""
-    response = response.strip().strip(".").lower()
-    sentences = re.split(r"\.\s(?=[A-Z])|\n", response)
-    keys, indicators = [], ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
-    for i, sentence in enumerate(sentences):
-        shortest = None  # the shortest tail; as in the original, an empty tail does not count as found
-        for ind in indicators + (["="] if i == len(sentences) - 1 else []):
-            tail = sentence.split(ind)[-1].strip() if ind in sentence else None
-            if tail is not None and (not shortest or len(tail) < len(shortest)):
-                shortest = tail
-        if shortest and shortest not in [":", ",", ".", "!", "?", ";", "'"]:
-            keys.append(shortest)
-    keys = keys or [response]
-    found = [n for k in keys for n in re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", k)
-             + re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", k)
-             + re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", k)]
-    return [p for s in keys + found for p in mmmu_normalize(s)]
 
 
 if __name__ == "__main__":

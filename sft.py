@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import data
 import generate
-from plumbing import runs
+from plumbing import checkpoints, runs
 from plumbing.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, DataError, cli, cli_parser,
                            toy_preset)
 from plumbing.distributed import all_reduce_dict, any_rank, clip_grad_norm, setup_distributed
@@ -218,7 +218,7 @@ def main(argv=None):
     total = min(args.max_steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
     # the run owns --out from here: a second run into it is refused
     with runs.locked(args.out, rank, device, lambda: runs.check_run_dir(args, MAY_CHANGE_ON_RESUME)):
-        state = runs.load_checkpoint(model, optimizer, args.resume, rank, world) if args.resume else {"step": 0}
+        state = checkpoints.load_checkpoint(model, optimizer, args.resume, rank, world) if args.resume else {"step": 0}
         runs.start_run(args, "sft", rank, world, state["step"] if args.resume else None)
         metrics = runs.Metrics(args.out, rank, CURVES, f"sft.py --out {args.out}")
         preempt, step = runs.Preemption(device), state["step"]
@@ -241,7 +241,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             due = step % (args.save_every or steps_per_epoch) == 0
-            if runs.save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
+            if checkpoints.save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due):
                 break
         bar.close()
         metrics.draw()

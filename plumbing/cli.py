@@ -17,6 +17,11 @@ class DataError(ValueError):
         self.every_rank = every_rank
 
 
+class Refused(RuntimeError):
+    """The run stops itself rather than do harm (a non-finite gradient): one line, exit status 1, nothing saved. Not
+    bad input, so not a DataError: the data may be fine and the learning rate not."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is a DataError: one line, exit status 1, like every other bad input."""
 
@@ -105,6 +110,8 @@ def cli(main):
         main()
     except DataError as e:
         sys.exit(f"error: {e}" if speaker or not e.every_rank else 1)
+    except Refused as e:  # every rank meets it together (the gradient norm is the same number everywhere)
+        sys.exit(f"error: {e}" if speaker else 1)
     except KeyboardInterrupt:
         if speaker:
             print("interrupted", file=sys.stderr)

@@ -1,34 +1,25 @@
-"""Run directories: flags, checks, checkpoints and their retention, preemption, metrics.jsonl, timing and MFU,
-evaluate.py's per-sample records and id lists.
+"""Run directories: flags, checks, the lock, args.json, preemption, metrics.jsonl, timing and MFU.
 
 A run directory is never overwritten by accident and a resume continues the same run: its settings are recorded
-(args.json, and in every checkpoint) and compared on --resume. Checkpoints are written aside and renamed into
-place, so a crash never leaves half of one under its final name.
+(args.json, and in every checkpoint: plumbing/checkpoints.py) and compared on --resume.
 """
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import transformers
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from tqdm import tqdm
-from transformers.utils import logging
 
 from plumbing.charts import svg_lines
-from plumbing.cli import DataError, passed_flags
-from plumbing.distributed import any_rank, barrier, full_state_dict
+from plumbing.cli import DataError, Refused, passed_flags
+from plumbing.distributed import any_rank, barrier
 
 # The run-directory flags themselves may differ on --resume; each stage adds its own (those that change nothing
 # the run computes, e.g. --micro-batch) when it calls check_run_dir.
@@ -166,88 +157,6 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: an HF directory from_pretrained loads, plus the sharded training state to resume from
-
-def atomic_dir(final):
-    """A temporary sibling directory; `commit(tmp, final)` renames it into place, so readers never see half."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final.parent / f".{final.name}.tmp"
-
-
-def commit(tmp, final):
-    final = Path(final)
-    old = final.parent / f".{final.name}.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def quiet_dcp():
-    """torch.distributed.checkpoint warns when it runs without a process group; a world of one is a fine user."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def save_checkpoint(model, optimizer, processor, path, state, rank, resumable=True):
-    """An HF directory (config, sharded safetensors, processor) that from_pretrained loads, plus, if `resumable`,
-    the training state in `train_state/` (torch.distributed.checkpoint). Written aside, then renamed."""
-    tmp = atomic_dir(path)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    weights = full_state_dict(model)
-    if rank == 0:
-        logging.disable_progress_bar()  # no "saving shards" bar for every checkpoint a run writes
-        model.save_pretrained(tmp, state_dict=weights, max_shard_size="2GB")
-        processor.save_pretrained(tmp)
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
-    if resumable:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with quiet_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "train_state"))
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_{rank}.pt")
-    barrier()
-    if rank == 0:
-        commit(tmp, path)
-    barrier()
-
-
-def load_checkpoint(model, optimizer, path, rank, world):
-    """Restore model, optimizer and RNG from save_checkpoint(); returns the saved `state` dict. The sharded state
-    loads on any number of ranks (torch.distributed.checkpoint reshards it)."""
-    path = Path(path)
-    state = json.loads((path / "train_state.json").read_text())
-    saved = state.get("world", world)
-    if saved != world and rank == 0:
-        print(f"resuming a run of {saved} rank(s) on {world}: the data order and the rollout seeds do not depend on "
-              f"the number of ranks, so the run goes on as it would have; only sums over ranks are taken in another "
-              f"order, so the weights follow an uninterrupted run to float rounding, not bit for bit", file=sys.stderr)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    bundle = {"model": model_sd, "optim": optim_sd}
-    with quiet_dcp():
-        dcp.load(bundle, checkpoint_id=str(path / "train_state"))
-    set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
-    # a rank the saved run did not have takes rank 0's generators: every sampler in the method is seeded on its
-    # own (data order, rollouts), so the global ones carry nothing a rank needs for itself
-    rng = torch.load(path / f"rng_{rank if rank < saved else 0}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    return state
-
-
-def prune_checkpoints(out, keep):
-    """Keep the newest `keep` step_N checkpoints (0: all); called once a newer one is safely in place, so the
-    checkpoint a run resumed from survives until `keep` newer ones exist. `final` is never pruned."""
-    for old in step_dirs(out)[:-keep] if keep else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class Preemption:
     """SIGTERM (cluster preemption) or Ctrl-C sets a flag; the loop saves at the end of the step and exits cleanly.
     A second Ctrl-C stops at once, without saving."""
@@ -270,31 +179,12 @@ class Preemption:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-
-def save_if_due(preempt, model, optimizer, processor, args, step, total, rank, due=False):
-    """Save at the last step, when `due` (epoch end, --save-every) or on SIGTERM; True means stop now. A preempted
-    run exits 0 after its save (torchrun counts anything else as a crash): it is finished when --out/final
-    exists, and otherwise continues with the --resume printed here."""
-    stop = preempt.check()
-    if stop or due or step == total:
-        final = step == total and not stop
-        path = Path(args.out) / ("final" if final else f"step_{step}")
-        # final holds the weights alone (the optimizer state is twice their size) unless --final-state
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        save_checkpoint(model, optimizer, processor, path, {"step": step, "world": world, "args": settings(args)},
-                        rank, resumable=not final or args.final_state)
-        if rank == 0:
-            prune_checkpoints(Path(args.out), args.keep)
-            tqdm.write(f"saved {path}" + (f"; continue with --resume {path}" if stop else ""), file=sys.stderr)
-    return stop
-
-
 def refuse_non_finite(grad_norm):
     """Stop before an update that would write NaN or inf into the weights: a non-finite loss makes a non-finite
     gradient, and the norm is the same number on every rank, so all stop together and nothing is saved."""
     if not math.isfinite(grad_norm):
-        raise DataError(f"the gradient norm is {grad_norm}: the update is refused and nothing is saved (a loss or "
-                        f"gradient that is not finite; try a lower --lr)")
+        raise Refused(f"the gradient norm is {grad_norm}: the update is refused and nothing is saved (a loss or "
+                      f"gradient that is not finite; try a lower --lr)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,80 +235,3 @@ def mfu(tokens_per_s_per_gpu, n_params, device):
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return 6 * n_params * tokens_per_s_per_gpu / peak if peak else None
-
-
-def reuse_records(out, name, protocol, weights, model, rank):
-    """Per-sample records in `out` (name.jsonl, name.rank*.jsonl) are kept only if made under the same `protocol`
-    by the same `weights` (a fingerprint, not a path): other settings stop the run (every rank, in one line);
-    other weights move the records aside, to name.stale-<fingerprint>.*, so they are computed afresh. Collective."""
-    meta = out / f"{name}.settings.json"
-    old = json.loads(meta.read_text()) if meta.exists() else protocol | {"fingerprint": weights}
-    if {k: v for k, v in old.items() if k not in ("fingerprint", "model")} != protocol:
-        raise DataError(f"{out} holds {name} results made with other settings ({meta}); use a new --out")
-    out.mkdir(parents=True, exist_ok=True)  # every rank: none may open its file before the directory exists
-    barrier()  # all ranks have read the old settings before rank 0 replaces them
-    if rank == 0:
-        stale = old.get("fingerprint")
-        if stale != weights:
-            print(f"{name}: the weights changed since {out} was written (fingerprint {stale} -> {weights}); its "
-                  f"records move to {name}.stale-{stale}.*", file=sys.stderr)
-            for f in [*out.glob(f"{name}.jsonl"), *out.glob(f"{name}.rank*.jsonl")]:
-                f.rename(out / f.name.replace(name, f"{name}.stale-{stale}", 1))
-        write_atomic(meta, json.dumps(protocol | {"fingerprint": weights, "model": model}, indent=1))
-    barrier()  # the moves are done before anyone reads the records
-
-
-def read_records(out, bench):
-    """evaluate.py's per-sample records for `bench` in `out` (bench.jsonl, bench.rank*.jsonl), by (id, sample)."""
-    records, bad = {}, 0
-    for path in sorted(out.glob(f"{bench}.jsonl")) + sorted(out.glob(f"{bench}.rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                records[(r["id"], r["sample"])] = r
-            except (json.JSONDecodeError, KeyError):
-                bad += 1  # a line cut short by a crash: that sample is generated again
-    if bad:
-        print(f"{bench}: ignoring {bad} unreadable lines in {out}", file=sys.stderr)
-    return records
-
-
-def write_solvable(path, bench, ids):
-    """Record `bench`'s text-solvable ids in `path` beside the other benchmarks' (one file serves a run)."""
-    path = Path(path)
-    keep = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if not line.startswith(bench + "\t")]
-    write_atomic(path, "".join(f"{line}\n" for line in keep + [f"{bench}\t{i}" for i in ids]))
-
-
-def read_ids(paths, bench):
-    """Ids to leave out of `bench`: the union over files, each a JSON list or lines of "id" (any benchmark) or
-    "bench<TAB>id" (as --text-solvable-out writes them)."""
-    ids = set()
-    for path in paths:
-        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first id
-        if text.lstrip().startswith("["):
-            ids |= set(map(str, json.loads(text)))
-            continue
-        for line in filter(str.strip, text.splitlines()):
-            b, tab, i = line.rstrip("\n").partition("\t")
-            ids |= {i} if tab and b == bench else set() if tab else {line.strip()}
-    return ids
-
-
-def fingerprint(path):
-    """A short hash of what a model's outputs depend on: its config, and per weight file the size and 16 evenly
-    spaced 4 KiB samples of the weights (retrained weights differ everywhere; reading 64 KiB per file is fast at
-    any size). For a hub id, the id itself."""
-    path = Path(path)
-    if not path.is_dir():
-        return hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    h = hashlib.sha1((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for k in range(16):
-                fh.seek(size * k // 16)
-                h.update(fh.read(4096))
-    return h.hexdigest()[:12]

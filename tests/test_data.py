@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import data
-from toy import tiny
+from conftest import ROOT, cli_error
+from plumbing import tiny
 
 # The paper's appendix C prompts, typed from the paper (independently of data.py).
 PAPER_TRAIN = ("You will solve a problem/request. You should provide your thoughts within <think> </think> tags "
@@ -176,7 +177,7 @@ def test_read_rows_formats_and_errors(tmp_path):
 
 def test_importing_data_is_light():
     code = "import sys, data; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=data.TOY_DIR.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
 
@@ -284,7 +285,6 @@ def test_a_cache_that_cannot_be_written_is_one_line_naming_it(tmp_path, monkeypa
     so the refusal of a read-only directory is made where the kernel would make it: os.mkdir.)"""
     import os
     import sft
-    from conftest import cli_error
     blocked = tmp_path / "a_file"
     blocked.write_text("x")
     monkeypatch.setenv("XREASONER_CACHE", str(blocked / "cache"))

@@ -10,7 +10,7 @@ import torch
 import data
 import evaluate as ev
 from conftest import torchrun
-from plumbing import runs
+from plumbing import records
 
 ROOT = Path(__file__).resolve().parent.parent
 MATHVISTA = json.loads((ROOT / "toy" / "mathvista.json").read_text())  # real testmini annotations
@@ -252,16 +252,16 @@ def test_summary_metrics_by_hand():
     def rec(i, k, extracted, correct, reason="stop", words=10):
         return {"id": i, "sample": k, "extracted": extracted, "correct": correct, "finish_reason": reason,
                 "words": words}
-    records = [rec("a", 0, "3", True), rec("a", 1, "4", False), rec("a", 2, "3", True, "forced_exit", 40),
+    rows = [rec("a", 0, "3", True), rec("a", 1, "4", False), rec("a", 2, "3", True, "forced_exit", 40),
                rec("b", 0, "1", False), rec("b", 1, "2", True), rec("b", 2, "1", False)]
-    s = ev.summarize("x", records, 3, skipped=1)
+    s = ev.summarize("x", rows, 3, skipped=1)
     assert s["n"] == 2 and s["skipped"] == 1
     assert s["accuracy"] == pytest.approx(100 * 3 / 6, abs=0.01)   # avg@3
     assert s["maj@3"] == 50.0                                       # a: "3" wins (right); b: "1" wins (wrong)
     assert s["pass@3"] == 100.0
     assert s["forced_exit_pct"] == pytest.approx(100 / 6, abs=0.01)
     assert s["mean_words"] == pytest.approx(90 / 6, abs=0.1)
-    table = ev.table([s], compare=True)
+    table = records.results_table([s], ev.PAPER_MODELS, compare=True)
     assert "| x | 2 | 50.0 | 50.0 | 100.0 |" in table and "paper X-Reasoner" in table
 
 
@@ -296,7 +296,7 @@ def test_end_to_end_three_benchmarks(tmp_path, capsys):
             template = data.EVAL_MATH_PROMPT if s["bench"] == "mathvista" else data.EVAL_MC_PROMPT
             assert r["prompt"].startswith(template.split("{question}")[0])
     results = (tmp_path / "results.md").read_text()
-    fingerprint = runs.fingerprint(data.resolve_model("tiny"))
+    fingerprint = records.fingerprint(data.resolve_model("tiny"))
     assert results.splitlines()[0] == f"model: `tiny` (fingerprint {fingerprint})" and results.count("\n") == 7
     assert summary["mathvista"]["model"] == "tiny" and summary["mathvista"]["fingerprint"] == fingerprint
 
@@ -319,7 +319,7 @@ def test_resume_generates_only_what_is_missing(tmp_path, monkeypatch, capsys):
     assert [(s["n"], s["generated"]) for s in resumed] == [(3, 2), (4, 3)]
     assert all(0 < s["decode_forwards"] < 64 for s in resumed)  # one batch each, under the toy preset's 64-token cap
     for b in ("medqa", "mmlu-pro"):
-        got = {(r["id"], r["response"]) for r in runs.read_records(tmp_path / "cut", b).values()}
+        got = {(r["id"], r["response"]) for r in records.read_records(tmp_path / "cut", b).values()}
         want = {(r["id"], r["response"]) for r in map(json.loads, full[b].splitlines())}
         assert got == want  # greedy: the resumed run reproduces the straight run
     with pytest.raises(data.DataError, match="not evaluated: medqa"):
@@ -341,11 +341,11 @@ def test_samples_no_image_and_text_solvable(tmp_path):
     by_id = {}
     for r in lines:
         by_id.setdefault(r["id"], []).append(r["correct"])
-    assert runs.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
+    assert records.read_ids([solvable], "mathvista") == {i for i, c in by_id.items() if all(c)}
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("1\n2\n5\n")
     (s,) = run_eval(tmp_path / "rest", "--bench", "mathvista", "--exclude-ids", str(exclude), "--limit", "4")
-    ids = {i for i, _ in runs.read_records(tmp_path / "rest", "mathvista")}
+    ids = {i for i, _ in records.read_records(tmp_path / "rest", "mathvista")}
     assert s["n"] == 4 and ids == {"4", "10", "19", "74"}  # the first four after the exclusion
     # annotations without their images (e.g. ../shared/data): --no-image never opens them
     rows = {k: dict(v, image=f"images/missing_{k}.png") for k, v in MATHVISTA.items()}
@@ -388,8 +388,8 @@ def test_cli_and_two_ranks_match_one_process(tmp_path):
     # an exit status of 0 alone passes by luck: a process group alive at exit aborts one teardown in ~8 (gloo)
     assert at_exit == {0: "destroyed", 1: "destroyed"}
     for b in ("mathvista", "mmmu-pro"):
-        a = {k: r["response"] for k, r in runs.read_records(tmp_path / "one", b).items()}
-        c = {k: r["response"] for k, r in runs.read_records(tmp_path / "two", b).items()}
+        a = {k: r["response"] for k, r in records.read_records(tmp_path / "one", b).items()}
+        c = {k: r["response"] for k, r in records.read_records(tmp_path / "two", b).items()}
         assert a == c and len(list((tmp_path / "two").glob(f"{b}.rank*.jsonl"))) == 2
     bad = subprocess.run([sys.executable, "evaluate.py", "--bench", "nope", "--model", "tiny"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -448,11 +448,11 @@ def test_every_published_number_is_there_with_its_source():
 def test_compare_table_shows_every_number_and_table_6(capsys):
     s = ev.summarize("mathvista", [{"id": "1", "sample": 0, "extracted": "1", "correct": True,
                                     "finish_reason": "stop", "words": 3}], 1, 0)
-    text = ev.table([s], compare=True)
+    text = records.results_table([s], ev.PAPER_MODELS, compare=True)
     assert "| mathvista | 1 | 100.0 | 0.0 | 3.0 | 62.8 (T5) | 68.1 (T5) | 69.0 (T5) | not reported |" in text
-    six = ev.table([s], compare=True, text_solvable=True)
+    six = records.results_table([s], ev.PAPER_MODELS, compare=True, text_solvable=True)
     assert "paper n (T6)" in six and "| 743 | 57.9 | 60.6 |" in six
-    medqa = ev.table([dict(s, bench="medqa")], compare=True)
+    medqa = records.results_table([ev.summarize("medqa", [], 1, 0)], ev.PAPER_MODELS, compare=True)
     assert "| MedQA (4 options) |" in medqa and "72.4 (F1)" in medqa
 
 
@@ -470,14 +470,14 @@ def test_medqa_five_options_and_mmmu_pro_nested_options():
 
 def test_exclude_ids_is_the_union_of_several_files(tmp_path):
     a, b = tmp_path / "base.tsv", tmp_path / "xr.tsv"
-    runs.write_solvable(a, "mathvista", ["1", "2"])
-    runs.write_solvable(a, "mmmu", ["validation_Art_1"])
-    runs.write_solvable(b, "mathvista", ["2", "5"])
-    runs.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
+    records.write_solvable(a, "mathvista", ["1", "2"])
+    records.write_solvable(a, "mmmu", ["validation_Art_1"])
+    records.write_solvable(b, "mathvista", ["2", "5"])
+    records.write_solvable(a, "mathvista", ["1", "4"])  # a rerun replaces that benchmark's lines only
     plain = tmp_path / "plain.txt"
     plain.write_text("10\n")
-    assert runs.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
-    assert runs.read_ids([a], "mmmu") == {"validation_Art_1"}
+    assert records.read_ids([a, b, plain], "mathvista") == {"1", "4", "2", "5", "10"}
+    assert records.read_ids([a], "mmmu") == {"validation_Art_1"}
     args = ev.parse_args(["--exclude-ids", f"{a},{b}", "--exclude-ids", str(plain)])
     assert args.exclude_ids == [str(a), str(b), str(plain)]
 

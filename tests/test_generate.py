@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 import data
+from conftest import ROOT, cli_error
 import generate as G
 from plumbing.distributed import shard
 
@@ -177,7 +178,7 @@ def test_cli_prompt(tiny_path, tmp_path):
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi", "images": [str(img)]}) + "\n")
     out = subprocess.run([sys.executable, "generate.py", "--model", tiny_path, "--input", str(tmp_path / "in.jsonl"),
                           "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "5"],
-                         capture_output=True, text=True, cwd=data.TOY_DIR.parent)
+                         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "out.jsonl").read_text())
     assert row["num_tokens"] == 5 and row["finish_reason"] == "length"
@@ -188,7 +189,6 @@ def test_an_input_row_with_a_bad_image_is_skipped_by_name(tiny_path, tmp_path, c
     answered (it used to end the whole run); a --prompt whose one image is missing is one error line."""
     import json
     import generate
-    from conftest import cli_error
     Image.new("RGB", (60, 60)).save(tmp_path / "x.png")
     rows = [{"prompt": "hi", "images": [str(tmp_path / "x.png")]}, {"prompt": "ho", "images": [str(tmp_path / "no.png")]},
             {"prompt": "text only"}]
@@ -246,7 +246,7 @@ def test_x_reasoner_med_chain_distil_then_sft_then_grpo(tmp_path, monkeypatch):
     import json
     import grpo
     import sft
-    medqa = str(data.TOY_DIR / "medqa.jsonl")
+    medqa = str(ROOT / "toy" / "medqa.jsonl")
     rows = data.load_rl_data(medqa)
     real = G.generate
     calls = []
@@ -276,7 +276,7 @@ def test_x_reasoner_med_chain_distil_then_sft_then_grpo(tmp_path, monkeypatch):
 
 def test_distil_with_a_real_teacher_runs(tmp_path):
     """Unscripted, a random tiny teacher is never right: the run still completes and writes an empty set."""
-    kept = G.main(["--model", "tiny-text", "--distil", str(data.TOY_DIR / "medqa.jsonl"), "--samples", "2",
+    kept = G.main(["--model", "tiny-text", "--distil", str(ROOT / "toy" / "medqa.jsonl"), "--samples", "2",
                    "--temperature", "1.0", "--max-new-tokens", "6", "--output", str(tmp_path / "d.jsonl")])
     assert kept == [] and (tmp_path / "d.jsonl").read_text() == ""
 
@@ -292,7 +292,7 @@ def slot_case(processor):
 def test_each_row_is_the_same_whatever_the_slots_and_the_admission_order(model, processor, sampling):
     """The engine's contract: a row's tokens, sampled flags and finish reason depend on its prompt and seed alone:
     1, 3 or 16 slots, the prompts in any order, and the chunked loop it replaced (bench/), all agree."""
-    sys.path.insert(0, str(data.TOY_DIR.parent / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from bench_generate import reference_generate
     convs = slot_case(processor)
     budgets = [6 + 3 * (i % 4) for i in range(len(convs))]  # rows end at different steps: slots refill
@@ -346,7 +346,7 @@ def test_compiled_decode_gives_the_same_rows(model, processor):
 def test_the_bandwidth_bound_counts_what_a_decode_step_reads(model, processor):
     """bench_generate --gpu's arithmetic, worked by hand from the tiny model's config (fp32: 4 bytes), then that
     GPU-only path itself run on the CPU at a small shape."""
-    sys.path.insert(0, str(data.TOY_DIR.parent / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from bench_generate import gpu, step_bytes
     tc = model.config.get_text_config()
     h, heads, kv, layers, inter = (tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads,

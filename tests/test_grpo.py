@@ -14,7 +14,6 @@ import grpo
 import sft
 from plumbing import distributed
 
-ROOT = data.TOY_DIR.parent
 
 
 def test_group_advantages_by_hand():
@@ -28,8 +27,9 @@ def test_group_advantages_by_hand():
     assert grpo.group_advantages(r, scale=False)[1].tolist() == pytest.approx([0.25, 0.25, 0.25, -0.75])
 
 
-def naive_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta):
-    """The objective written token by token in plain Python, independently of policy_loss."""
+def naive_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, dual_clip=3.0):
+    """The objective written token by token in plain Python, independently of policy_loss: the clipped surrogate
+    with clip-higher, dual-clip (a token with A < 0 costs at most dual_clip * |A|), and beta times k3."""
     total, count = 0.0, 0
     for i in range(len(logp)):
         for t in range(len(logp[i])):
@@ -37,9 +37,11 @@ def naive_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta):
                 continue
             ratio = math.exp(logp[i][t] - old[i][t])
             clipped = min(max(ratio, 1 - eps_low), 1 + eps_high)
-            surrogate = min(ratio * adv[i], clipped * adv[i])
+            loss = -min(ratio * adv[i], clipped * adv[i])
+            if dual_clip and adv[i] < 0:
+                loss = min(loss, -adv[i] * dual_clip)
             d = ref[i][t] - logp[i][t]
-            total += -surrogate + beta * (math.exp(d) - d - 1)
+            total += loss + beta * (math.exp(d) - d - 1)
             count += 1
     return total / count
 
@@ -49,6 +51,7 @@ def test_policy_loss_matches_a_naive_loop():
     B, T = 6, 9
     old = -torch.rand(B, T, generator=g) * 3
     logp = old + torch.randn(B, T, generator=g) * 0.4  # ratios from ~0.3 to ~3: all three clip regions
+    logp[1, :2] = old[1, :2] + math.log(5.0)  # and far off-policy where A < 0: the dual-clip region
     ref = old + torch.randn(B, T, generator=g) * 0.2
     adv = torch.tensor([1.2, -0.7, 0.3, -1.5, 0.9, -0.2])
     lengths = [9, 3, 5, 1, 7, 9]  # responses of different lengths
@@ -56,7 +59,8 @@ def test_policy_loss_matches_a_naive_loop():
     ratio = torch.exp(logp - old)
     assert ((ratio < 0.8) * mask).sum() > 0 and ((ratio > 1.28) * mask).sum() > 0
     assert (((ratio > 0.8) & (ratio < 1.28)) * mask).sum() > 0
-    loss, stats = grpo.policy_loss(logp, old, ref, adv, mask, mask.sum(), 0.2, 0.28, 0.05)
+    assert (((ratio > 3.0) & (adv[:, None] < 0)) * mask).sum() > 0
+    loss, stats = grpo.policy_loss(logp, old, ref, adv, mask, mask.sum(), 0.2, 0.28, 0.05)  # dual-clip 3: default
     expected = naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, 0.05)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # a per-sequence mean (then a mean over sequences) weighs short responses more: a different number
@@ -120,7 +124,8 @@ def update(policy, optimizer, processor, rows, args):
 
 
 def rollouts(model, processor, prompts, args, seeds):
-    return grpo.rollouts(model, processor, prompts, seeds, group_size=args.group_size, temperature=args.temperature,
+    return grpo.rollouts(model, processor, prompts, [(s,) for s in seeds], group_size=args.group_size,
+                         temperature=args.temperature,
                          max_new_tokens=args.max_new_tokens, think_budget=args.think_budget,
                          answer_budget=args.answer_budget, gen_batch=args.gen_batch)
 
@@ -189,9 +194,9 @@ def test_logprobs_after_generation_ignore_cached_rotary_state(model, processor):
     assert torch.allclose(sequence_logprob(model, processor, rows), sequence_logprob(fresh, processor, rows))
 
 
-def run(args, nproc):
+def run(args, nproc, threads=1):
     """grpo.py as its command line runs it; under torchrun no rank may leave its process group alive at exit."""
-    r, at_exit = torchrun("grpo.py", args, nproc)
+    r, at_exit = torchrun("grpo.py", args, nproc, env={"OMP_NUM_THREADS": str(threads)})
     if nproc > 1 and r.returncode == 0:
         assert at_exit == {k: "destroyed" for k in range(nproc)}, at_exit
     return r
@@ -258,7 +263,8 @@ def test_grpo_raises_the_reward_of_an_sft_model(sft_tiny, tmp_path):
     path, _ = sft_tiny
     # the README's command, in a process of its own (as users run it): inside the test process, after the sft_tiny
     # fixture's training, the same 80 steps take 1.6x as long (the allocator's state; a bare matmul slows alike)
-    r = run(["--model", path, "--data", "toy", "--reward-processes", "1", "--out", str(tmp_path)], 1)  # the preset
+    r = run(["--model", path, "--data", "toy", "--reward-processes", "1", "--out", str(tmp_path)], 1,
+            threads=os.cpu_count())  # the preset
     assert r.returncode == 0, r.stderr[-3000:]
     rows = steps(tmp_path)
     # validation while training (the preset's --eval-every 10): 16 held-out sums, greedy, at step 0 and every 10

@@ -9,8 +9,9 @@ STAGES = ["rewards.py", "data.py", "generate.py", "sft.py", "grpo.py", "evaluate
 # Each module may import only from layers below its own. `plumbing` and the tiny-model builder import nothing
 # above them; the stages stack in the order a reader meets them; toy/ and bench/ sit on top.
 LAYERS = [
-    {"rewards", "toy.tiny", "plumbing", "plumbing.cli", "plumbing.charts", "plumbing.distributed"},
+    {"rewards", "plumbing.tiny", "plumbing", "plumbing.cli", "plumbing.charts", "plumbing.distributed"},
     {"plumbing.runs", "plumbing.tokens"},
+    {"plumbing.checkpoints", "plumbing.records"},
     {"data"},
     {"generate"},
     {"sft"},
@@ -51,39 +52,53 @@ def project_imports(name, path, known):
     return out
 
 
-def test_every_module_has_a_layer_and_imports_only_below_it():
-    known = modules()
-    assert set(known) == set(RANK), f"place new modules in LAYERS: {sorted(set(known) ^ set(RANK))}"
-    upward = [f"{name} -> {t}" for name, path in known.items() for t in project_imports(name, path, known)
-              if RANK[t] >= RANK[name]]
-    assert not upward, f"imports that go up or sideways: {upward}"
+def upward_imports(known, rank):
+    """Every import of a project module that is not below the importer: "a -> b" strings."""
+    return [f"{name} -> {t}" for name, path in known.items() for t in project_imports(name, path, known)
+            if rank[t] >= rank[name]]
 
 
-def test_the_import_graph_has_no_cycle():
-    """Independent of the layer table: a depth-first search over the graph finds no way back to a module."""
-    known = modules()
-    graph = {name: project_imports(name, path, known) for name, path in known.items()}
+def first_cycle(graph):
+    """A way back to a module by following imports (a depth-first search), or None: independent of any layer table."""
     state = {}
 
     def visit(node, trail):
         if state.get(node) == "open":
-            raise AssertionError(f"import cycle: {' -> '.join(trail + [node])}")
+            return trail + [node]
         if state.get(node) is None:
             state[node] = "open"
-            for nxt in graph[node]:
-                visit(nxt, trail + [node])
+            for nxt in sorted(graph[node]):
+                if found := visit(nxt, trail + [node]):
+                    return found
             state[node] = "done"
-    for node in graph:
-        visit(node, [])
+        return None
+    return next((cycle for node in sorted(graph) if (cycle := visit(node, []))), None)
+
+
+def test_every_module_has_a_layer_and_imports_only_below_it():
+    known = modules()
+    assert set(known) == set(RANK), f"place new modules in LAYERS: {sorted(set(known) ^ set(RANK))}"
+    assert not upward_imports(known, RANK), upward_imports(known, RANK)
+
+
+def test_the_import_graph_has_no_cycle():
+    known = modules()
+    cycle = first_cycle({name: project_imports(name, path, known) for name, path in known.items()})
+    assert cycle is None, " -> ".join(cycle)
 
 
 def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
-    """The two tests above can fail: on a made-up pair of modules that import each other, both notice."""
+    """The two tests above can fail: made-up modules where b imports a inside a function while a imports b at the
+    top (a cycle, and with a below b in the layers, an import going up), and c importing a, which is below it."""
     (tmp_path / "a.py").write_text("import b\n")
     (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
-    known = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
-    assert project_imports("a", known["a"], known) == {"b"}
-    assert project_imports("b", known["b"], known) == {"a"}  # found inside a function too
+    (tmp_path / "c.py").write_text("import a\n")
+    known = {name: tmp_path / f"{name}.py" for name in "abc"}
+    graph = {name: project_imports(name, path, known) for name, path in known.items()}
+    assert graph == {"a": {"b"}, "b": {"a"}, "c": {"a"}}  # found inside a function too
+    assert first_cycle(graph) == ["a", "b", "a"]
+    assert first_cycle({"a": set(), "b": {"a"}, "c": {"a", "b"}}) is None
+    assert upward_imports(known, {"a": 0, "b": 1, "c": 2}) == ["a -> b"]
 
 
 def test_function_local_imports_are_marked_heavy_or_optional():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import data
-from toy import miniature, tiny
+from plumbing import tiny
+from toy import miniature
 
 
 def test_worked_thought_is_column_addition_by_hand():

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_error, snapshot, torchrun
+from conftest import ROOT, cli_error, snapshot, torchrun
 
 import data
 import sft
 from plumbing import charts
 
-ROOT = data.TOY_DIR.parent
 ARGS = ["--model", "tiny", "--data", "toy", "--global-batch", "8", "--lr", "1e-3"]
 
 
@@ -55,10 +54,9 @@ def test_two_ranks_and_any_accumulation_give_the_same_step(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     straight, first = tmp_path / "straight", tmp_path / "first"
-    assert run([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(straight)]).returncode == 0
-    assert run([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--final-state", "--out", str(first)]).returncode == 0
-    r = run([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(first), "--resume", str(first / "final")])
-    assert r.returncode == 0, r.stderr[-3000:]
+    sft.main([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(straight)])
+    sft.main([*ARGS, "--micro-batch", "4", "--max-steps", "2", "--final-state", "--out", str(first)])
+    sft.main([*ARGS, "--micro-batch", "4", "--max-steps", "4", "--out", str(first), "--resume", str(first / "final")])
     assert losses(first) == pytest.approx(losses(straight), rel=1e-6)
     a, b = weights(straight / "final"), weights(first / "final")
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)

@@ -1,9 +1,11 @@
-"""toy/tiny.py's `tiny-qwen`: Qwen2.5-VL-7B-Instruct's own tokens, template, processor and config values on a small
+"""plumbing/tiny.py's `tiny-qwen`: Qwen2.5-VL-7B-Instruct's own tokens, template, processor and config values on a small
 random model, and every stage run on that real surface (the fast tests use `tiny`, a 1,024-token BPE)."""
 import json
 import re
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -12,7 +14,7 @@ import generate as G
 import grpo
 import rewards
 import sft
-from toy import tiny
+from plumbing import tiny
 
 THINK_OPEN, THINK_END = [13708, 766, 397], [522, 26865, 29]  # "<think>\n", "</think>" in Qwen2's BPE (the issue)
 
@@ -178,10 +180,23 @@ def test_evaluation_through_the_real_template_and_processor(tmp_path):
     assert record["tokens"] <= 6 and "<|im_end|>" not in record["response"]
 
 
-def test_sft_runs_on_tiny_qwen(tmp_path):
-    sft.main(["--model", "tiny-qwen", "--data", "toy", "--out", str(tmp_path / "sft"), "--max-steps", "2"])
-    metrics = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(m["loss"] == m["loss"] and m["loss"] > 5 for m in metrics)  # ~ln(152k)=11.9
+def test_sft_learns_on_tiny_qwen_and_saves_qwens_surface(tmp_path):
+    """Four SFT steps on Qwen's real tokens: the loss starts at ln(152,064) = 11.93 (a random model's uniform guess
+    over every embedding row) and falls at every step; the checkpoint reloads with from_pretrained with Qwen's
+    tokenizer, template and processor bounds intact, and the weights it holds are the trained ones."""
+    sft.main(["--model", "tiny-qwen", "--data", "toy", "--out", str(tmp_path / "sft"), "--max-steps", "4"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] == pytest.approx(11.93, abs=0.1) and all(b < a for a, b in zip(losses, losses[1:])), losses
+    from safetensors.torch import load_file
+    processor = data.load_processor(str(tmp_path / "sft" / "final"))
+    assert len(processor.tokenizer) == 151665 and processor.chat_template == tiny.QWEN_CHAT_TEMPLATE
+    assert processor.image_processor.size == {"shortest_edge": 3136, "longest_edge": 12845056}  # Qwen's bounds
+    legacy = lambda k: k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")  # noqa
+    trained, before = ({legacy(k): v for k, v in load_file(f).items()} for f in (
+        tmp_path / "sft" / "final" / "model.safetensors", Path(data.resolve_model("tiny-qwen")) / "model.safetensors"))
+    assert trained.keys() == before.keys()
+    assert not torch.equal(trained["lm_head.weight"], before["lm_head.weight"])
+    assert all(torch.equal(trained[k], before[k]) for k in trained if k.startswith("visual."))  # frozen
 
 
 def test_without_qwens_files_tiny_qwen_is_one_clear_error(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ import evaluate  # noqa: E402
 import grpo  # noqa: E402
 import sft  # noqa: E402
 from plumbing.charts import svg_page  # noqa: E402
-from toy import tiny  # noqa: E402
+from plumbing import tiny  # noqa: E402
 
 BATCH = 32  # sequences per optimizer step in every SFT part (ours)
 PROMPTS, GROUP = 16, 8  # a GRPO step's prompts and samples per prompt (ours; B.2: 128 x 8)
