@@ -57,6 +57,9 @@ class Completion:
     logprobs: list = None  # per token: log-prob under the distribution it was drawn from (0.0: greedy, or forced)
 
 
+# ----------------------------------------------------------------------------------------------------
+# 1. Encode
+
 def encode(processor, conversation):
     """One chat -> model inputs (batch of 1) with the generation prompt appended."""
     if not hasattr(processor, "image_processor"):  # a text-only model's tokenizer: its template wants strings
@@ -95,6 +98,113 @@ def collate(encodings, pad_id):
     return batch
 
 
+# ----------------------------------------------------------------------------------------------------
+# 2. Admit: the slot cache, what each slot holds, and when free slots are worth a prefill
+
+class SlotCache(Cache):
+    """The KV cache of `slots` rows of up to `max_len` tokens, preallocated once and written in place (transformers'
+    DynamicCache appends with torch.cat, which copies the whole cache at every step). The model's attention layers
+    call update() on it with no say in where to write, so each forward is told first, in one call: write_prompts()
+    before a prefill, write_at() before a decode step. Live rows fill slots [0, live)."""
+
+    def __init__(self, config, slots, max_len, dtype, device):
+        text = config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (slots, text.num_key_value_heads, max_len, head_dim)
+        super().__init__(layers=[SlotLayer(self, shape, dtype, device) for _ in range(text.num_hidden_layers)])
+        self.prompt_slots, self.columns, self.width = None, None, 0
+
+    def write_prompts(self, prompt_slots):
+        """The next forward is a prefill: its left-padded prompts fill columns [0, P) of slots `prompt_slots`."""
+        self.prompt_slots, self.columns, self.width = prompt_slots, None, 0
+
+    def write_at(self, columns, width):
+        """The next forward is a decode step: live row b (slot b) writes its key and value at column columns[b]
+        ((live,), on the device); attention then reads columns [0, width), each row's mask hiding what is not its."""
+        self.prompt_slots, self.columns, self.width = None, columns, width
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values, (slots, kv_heads, max_len, head_dim), written where the cache says."""
+
+    def __init__(self, cache, shape, dtype, device):
+        super().__init__()
+        # a weak reference: a cycle cache -> layer -> cache would keep ~16 GB (7B, 64 slots) alive until a GC pass
+        self.cache, self.is_initialized = weakref.proxy(cache), True
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):                  # (B, kv_heads, T, head_dim)
+        c = self.cache
+        if c.columns is None:  # a prefill: the admitted prompts, left-padded to one width P
+            width = key_states.shape[2]
+            self.keys[c.prompt_slots, :, :width], self.values[c.prompt_slots, :, :width] = key_states, value_states
+            return key_states, value_states
+        live = torch.arange(len(c.columns), device=c.columns.device)
+        self.keys[live, :, c.columns] = key_states[:, :, 0]                          # in place: no copy of the rest
+        self.values[live, :, c.columns] = value_states[:, :, 0]
+        return self.keys[:len(live), :, :c.width], self.values[:len(live), :, :c.width]
+
+    def get_seq_length(self):
+        return 0 if self.cache.columns is None else self.cache.width - 1
+
+    def get_mask_sizes(self, query_length):
+        return (query_length if self.cache.columns is None else self.cache.width), 0
+
+    def get_max_length(self):
+        return self.keys.shape[2]
+
+
+@dataclass
+class Slots:
+    """Per-slot state on the device: the rotary position of the slot's next token (slots,), and its additive
+    attention mask (slots, max_len): 0 on its own tokens, the dtype's minimum on its left padding and beyond (eager
+    attention adds the mask, so it must be a float, not a bool). With a repetition penalty, `seen` (slots, vocab):
+    the token ids the slot's row holds, prompt included. How far each row has written is its Row's `written`."""
+    position: torch.Tensor
+    mask: torch.Tensor
+    seen: torch.Tensor = None
+
+    def hold(self, tokens):
+        """The token each live row has just written joins what it holds (for the repetition penalty, if any)."""
+        if self.seen is not None:
+            rows = torch.arange(len(tokens), device=self.seen.device)
+            self.seen[rows, torch.tensor(tokens, device=self.seen.device)] = True
+
+    def move(self, cache, src, dst, columns):
+        """Row `src` takes slot `dst`: its state and the `columns` it has written of its cache row, nothing else."""
+        for t in (self.position, self.mask, *([self.seen] if self.seen is not None else [])):
+            t[dst] = t[src]
+        for layer in cache.layers:
+            layer.keys[dst, :, :columns].copy_(layer.keys[src, :, :columns])
+            layer.values[dst, :, :columns].copy_(layer.values[src, :, :columns])
+
+
+def allocate(model, slots, max_len, vocab=None):
+    """Step 2's memory, once: the slot cache and the per-slot state, on the model's device and in its dtype;
+    `vocab`: the width of the seen-token mask a repetition penalty needs (None: no penalty, no mask)."""
+    p = next(model.parameters())
+    cache = SlotCache(model.config, slots, max_len, p.dtype, p.device)
+    state = Slots(torch.zeros(slots, dtype=torch.long, device=p.device),
+                  torch.zeros(slots, max_len, dtype=p.dtype, device=p.device),
+                  torch.zeros(slots, vocab, dtype=torch.bool, device=p.device) if vocab else None)
+    return cache, state
+
+
+def admit_now(free, slots, pending):
+    """Whether to prefill now. A prefill is a forward of its own between two decode steps, so filling one slot at a
+    time would cost a forward per finished row: wait until ADMIT_AT slots are free (fewer with few slots: an
+    eighth of them, at least one), or all the pending prompts fit, before admitting."""
+    worth_a_forward = min(ADMIT_AT, max(1, slots // 8))
+    return pending > 0 and free >= min(worth_a_forward, pending)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Prefill
+
 def rope_positions(model, batch):
     """Qwen2.5-VL's 3-D rotary positions (time, height, width) for the prompt, and the next text position.
 
@@ -112,6 +222,38 @@ def rope_positions(model, batch):
     return positions, positions.amax(dim=(0, 2)) + 1  # (3, B, L), (B,)
 
 
+def vision_inputs(batch):
+    """The image tensors of a batch, if it has any (a text-only model takes no such arguments)."""
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+
+
+def prefill(model, tokenizer, encodings, cache, slots, start):
+    """Step 3 for newly admitted prompts: one forward over them, left-padded, with M-RoPE positions we compute, their
+    keys and values written into slots [start, start + n). Returns their next-token logits (n, vocab) and P, the
+    columns each of their cache rows now holds (their left padding included)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}      # (n, P) each
+    positions, next_pos = rope_positions(model, batch)
+    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None
+    n, P = batch["input_ids"].shape
+    admitted = slice(start, start + n)
+    cache.write_prompts(admitted)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                   **vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    slots.mask[admitted] = torch.finfo(slots.mask.dtype).min  # what a slot's last row left behind, and the padding
+    slots.mask[admitted, :P] = slots.mask[admitted, :P].masked_fill(batch["attention_mask"].bool(), 0.0)
+    slots.position[admitted] = next_pos
+    if slots.seen is not None:  # the prompt's tokens count as seen, as in model.generate; its left padding does not
+        ids = batch["input_ids"]
+        held = torch.where(batch["attention_mask"].bool(), ids, ids[:, -1:])  # a pad stands for the last real token
+        slots.seen[admitted] = torch.zeros_like(slots.seen[admitted]).scatter(
+            1, held.clamp(max=slots.seen.shape[1] - 1), True)
+    return logits, P
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Decode
+
 def next_positions(next_pos, axes):
     """Positions of one new token per row, (3, B, 1): a text token sits at the same place on M-RoPE's three axes
     (time, height, width), so all three advance together; a plain causal LM (`axes` 2: (B, L) positions) takes
@@ -121,9 +263,47 @@ def next_positions(next_pos, axes):
     return next_pos.view(-1, 1)
 
 
-def vision_inputs(batch):
-    """The image tensors of a batch, if it has any (a text-only model takes no such arguments)."""
-    return {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+def decode_one_token(forward, tokens, columns, cache, slots, axes):
+    """Step 4: one forward of one token per live row: row b (slot b) writes its key and value at cache column
+    columns[b] (the columns it has written so far) and sits at its own rotary position (`axes`: 3 for M-RoPE, 2
+    for a plain LM). `forward` is decoder_step(model) or its compiled form (compiled()): next-token logits (live,
+    vocab)."""
+    live = len(columns)
+    at = torch.tensor(columns, device=tokens.device)
+    cache.write_at(at, width=max(columns) + 1)
+    slots.mask[torch.arange(live, device=tokens.device), at] = 0.0  # each row now also sees the token it writes
+    logits = forward(input_ids=tokens[:, None], attention_mask=slots.mask[:live, None, None, :cache.width],
+                     position_ids=next_positions(slots.position[:live], axes), past_key_values=cache, use_cache=True)
+    slots.position[:live] += 1
+    return logits
+
+
+def decoder_step(model):
+    """The decode forward: the language model and its head alone. No image arrives in a decode step and we pass
+    the positions, so the VLM's wrapper (image merge, rope bookkeeping, output classes) has nothing to do; skipping
+    it is ~13% of a tiny model's step (measured; negligible at 7B)."""
+    if hasattr(model, "get_decoder"):
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        return lambda **inputs: head(decoder(**inputs).last_hidden_state[:, -1])
+    return lambda **inputs: model(**inputs).logits[:, -1]  # not a transformers model: any forward giving .logits
+
+
+def compiled(model):
+    """--compile: the decode forward, compiled once per model with dynamic shapes (live rows and attention length
+    change without a recompile). No CUDA graphs (a simplification): one per (live rows, length) pair.
+    Its first call, mostly compiling, is timed into `model.compile_s`; later calls go straight through."""
+    if getattr(model, "_compiled_forward", None) is None:
+        forward, first = torch.compile(decoder_step(model), dynamic=True), [True]
+
+        def timed_first_call(**inputs):
+            if not first:
+                return forward(**inputs)
+            started = time.perf_counter()
+            out = forward(**inputs)  # compiles
+            model.compile_s, first[:] = time.perf_counter() - started, []
+            return out
+        model._compiled_forward = timed_first_call
+    return model._compiled_forward
 
 
 def penalize_repeats(logits, seen, penalty):
@@ -148,19 +328,22 @@ def sample(logits, temperature, top_p, generators):
     return tokens, (probs.gather(-1, tokens[:, None])[:, 0] / probs.sum(-1)).log()  # the nucleus renormalized
 
 
-def forced_exit_ids(tokenizer, ids):
-    """The tokens of "</think>" as the tokenizer encodes them after this row's text (merges can cross the seam)."""
-    context = tokenizer.decode(ids[-4:])  # a few tokens of context are enough for a BPE merge across the seam
-    before = tokenizer.encode(context, add_special_tokens=False)
-    after = tokenizer.encode(context + THINK_END, add_special_tokens=False)
-    if after[:len(before)] == before:
-        return after[len(before):]
-    return tokenizer.encode(THINK_END, add_special_tokens=False)
+def next_tokens(logits, live, slots, temperature, top_p, repetition_penalty):
+    """Step 4's choice for every live row: the repetition penalty (if any), then sample(); the tokens and their
+    log-probs come to the host in one transfer, the step's one sync (ids are exact in float64)."""
+    if repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, slots.seen[:len(live)], repetition_penalty)
+    picked, logp = sample(logits, temperature, top_p, [row.generator for row in live])
+    picked, logp = torch.stack([picked.double(), logp.double()]).tolist()
+    return [int(t) for t in picked], logp
 
+
+# ----------------------------------------------------------------------------------------------------
+# 5-6. Stop, or force the exit
 
 @dataclass
 class Row:
-    """One prompt's progress through the decode loop, filled in by steps 4-6."""
+    """One prompt's progress through the decode loop, filled in by steps 2-6."""
     generator: torch.Generator       # its own sampling stream: the same samples whatever the batch around it
     thinking: bool                   # inside its thought with a think budget to watch
     tokens: list = field(default_factory=list)   # the response so far
@@ -171,7 +354,27 @@ class Row:
     finish_reason: str = "length"    # "length" until it stops otherwise
     index: int = None                # which conversation it answers
     budget: int = None               # at most this many tokens (max_new_tokens, or less near the context's end)
-    columns: int = 0                 # columns of its cache row written so far (left padding included)
+    written: int = 0                 # columns of its cache row written so far (left padding included)
+
+    def completion(self, tokenizer):
+        """What generate() returns for this row once it ends."""
+        return Completion(tokenizer.decode(self.tokens, skip_special_tokens=True), self.tokens, self.finish_reason,
+                          len(self.tokens), self.sampled, self.logprobs)
+
+
+def step_row(row, t, logp, tokenizer, **rules):
+    """Steps 5-6 for one row: its sampled token t (log-prob logp), or instead the next token of a forced exit; False
+    when it ends."""
+    if row.forced:                   # 6. a forced exit writes its "</think>" over what was sampled
+        t = row.forced.pop(0)
+        row.sampled.append(0)
+        row.logprobs.append(0.0)
+    else:
+        row.sampled.append(1)
+        row.logprobs.append(logp)
+        if row.answer_left is not None:
+            row.answer_left -= 1
+    return advance(row, t, tokenizer, **rules) and len(row.tokens) < row.budget  # at the budget: "length"
 
 
 def advance(row, t, tokenizer, *, think_budget, answer_budget, stop_ids, may_close):
@@ -192,177 +395,14 @@ def advance(row, t, tokenizer, *, think_budget, answer_budget, stop_ids, may_clo
     return not (row.answer_left is not None and row.answer_left <= 0 and not row.forced)  # answer budget spent
 
 
-class SlotCache(Cache):
-    """The KV cache of `slots` rows of up to `max_len` tokens, preallocated once and written in place (transformers'
-    DynamicCache appends with torch.cat, which copies the whole cache at every step). Live rows fill slots
-    [0, live); each row writes its next key and value at its own column `where[b]`, and attention sees columns
-    [0, length), a per-row mask hiding what is not the row's. A prefill writes its prompts' block straight into
-    rows `prefill_rows` (no temporary cache to copy from)."""
-
-    def __init__(self, config, slots, max_len, dtype, device):
-        text = config.get_text_config()
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        shape = (slots, text.num_key_value_heads, max_len, head_dim)
-        super().__init__(layers=[SlotLayer(self, shape, dtype, device) for _ in range(text.num_hidden_layers)])
-        self.live, self.length, self.rows, self.where, self.prefill_rows = 0, 0, None, None, None
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values, (slots, kv_heads, max_len, head_dim); the shared bookkeeping is the cache's."""
-
-    def __init__(self, cache, shape, dtype, device):
-        super().__init__()
-        # a weak reference: a cycle cache -> layer -> cache would keep ~16 GB (7B, 64 slots) alive until a GC pass
-        self.cache, self.is_initialized = weakref.proxy(cache), True
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-
-    def lazy_initialization(self, key_states, value_states):
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):                  # (B, kv_heads, T, head_dim)
-        c = self.cache
-        if c.prefill_rows is not None:  # the admitted prompts, left-padded to one width P: columns [0, P)
-            width = key_states.shape[2]
-            self.keys[c.prefill_rows, :, :width], self.values[c.prefill_rows, :, :width] = key_states, value_states
-            return key_states, value_states
-        self.keys[c.rows, :, c.where] = key_states[:, :, 0]                          # in place: no copy of the rest
-        self.values[c.rows, :, c.where] = value_states[:, :, 0]
-        return self.keys[:c.live, :, :c.length], self.values[:c.live, :, :c.length]
-
-    def get_seq_length(self):
-        return 0 if self.cache.prefill_rows is not None else self.cache.length - 1
-
-    def get_mask_sizes(self, query_length):
-        return (query_length if self.cache.prefill_rows is not None else self.cache.length), 0
-
-    def get_max_length(self):
-        return self.keys.shape[2]
-
-
-@dataclass
-class Slots:
-    """Per-slot state on the device: how many columns each row has written (slots,), the rotary position of its
-    next token (slots,), and its additive attention mask (slots, max_len): 0 on its own tokens, the dtype's minimum
-    on its left padding and beyond (eager attention adds the mask, so it must be a float, not a bool). With a
-    repetition penalty, `seen` (slots, vocab): the token ids each row holds, prompt included."""
-    length: torch.Tensor
-    position: torch.Tensor
-    mask: torch.Tensor
-    seen: torch.Tensor = None
-
-    def hold(self, tokens):
-        """The token each live row has just written joins what it holds (for the repetition penalty, if any)."""
-        if self.seen is not None:
-            rows = torch.arange(len(tokens), device=self.seen.device)
-            self.seen[rows, torch.tensor(tokens, device=self.seen.device)] = True
-
-    def move(self, cache, src, dst, columns):
-        """Row `src` takes slot `dst`: its state and the `columns` it has written of its cache row, nothing else."""
-        for t in (self.length, self.position, self.mask, *([self.seen] if self.seen is not None else [])):
-            t[dst] = t[src]
-        for layer in cache.layers:
-            layer.keys[dst, :, :columns].copy_(layer.keys[src, :, :columns])
-            layer.values[dst, :, :columns].copy_(layer.values[src, :, :columns])
-
-
-def allocate(model, slots, max_len, vocab=None):
-    """Step 2's memory, once: the slot cache and the per-slot state, on the model's device and in its dtype;
-    `vocab`: the width of the seen-token mask a repetition penalty needs (None: no penalty, no mask)."""
-    p = next(model.parameters())
-    cache = SlotCache(model.config, slots, max_len, p.dtype, p.device)
-    state = Slots(*(torch.zeros(slots, dtype=torch.long, device=p.device) for _ in range(2)),
-                  torch.zeros(slots, max_len, dtype=p.dtype, device=p.device),
-                  torch.zeros(slots, vocab, dtype=torch.bool, device=p.device) if vocab else None)
-    return cache, state
-
-
-def prefill(model, tokenizer, encodings, cache, slots, first):
-    """Step 3 for newly admitted prompts: one forward over them, left-padded, with M-RoPE positions we compute, their
-    keys and values written into slots [first, first + n). Returns their next-token logits (n, vocab) and P."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(encodings, tokenizer.pad_token_id).items()}      # (n, P) each
-    positions, next_pos = rope_positions(model, batch)
-    mask = batch["attention_mask"] if not bool(batch["attention_mask"].all()) else None
-    n, P = batch["input_ids"].shape
-    rows = cache.prefill_rows = slice(first, first + n)
-    try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                       **vision_inputs(batch), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    finally:
-        cache.prefill_rows = None
-    slots.mask[rows] = torch.finfo(slots.mask.dtype).min  # what a slot's last row left behind, and the padding
-    slots.mask[rows, :P] = slots.mask[rows, :P].masked_fill(batch["attention_mask"].bool(), 0.0)
-    slots.length[rows], slots.position[rows] = P, next_pos
-    if slots.seen is not None:  # the prompt's tokens count as seen, as in model.generate; its left padding does not
-        ids = batch["input_ids"]
-        held = torch.where(batch["attention_mask"].bool(), ids, ids[:, -1:])  # a pad stands for the last real token
-        slots.seen[rows] = torch.zeros_like(slots.seen[rows]).scatter(1, held.clamp(max=slots.seen.shape[1] - 1), True)
-    return logits, P  # every admitted row's cache row now holds P columns, its left padding included
-
-
-def decode_one_token(forward, tokens, cache, slots, rope):
-    """Step 4: one forward of one token per live row, each at its own column and rotary position. `forward` is
-    decoder_step(model) or its compiled form (compiled()): next-token logits (live, vocab)."""
-    live = cache.live
-    cache.rows, cache.where = torch.arange(live, device=tokens.device), slots.length[:live]
-    slots.mask[cache.rows, cache.where] = 0.0                         # each row now also sees the token it writes
-    logits = forward(input_ids=tokens[:, None], attention_mask=slots.mask[:live, None, None, :cache.length],
-                     position_ids=next_positions(slots.position[:live], rope), past_key_values=cache, use_cache=True)
-    slots.length[:live] += 1
-    slots.position[:live] += 1
-    return logits
-
-
-def decoder_step(model):
-    """The decode forward: the language model and its head alone. No image arrives in a decode step and we pass
-    the positions, so the VLM's wrapper (image merge, rope bookkeeping, output classes) has nothing to do; skipping
-    it is ~13% of a tiny model's step (measured; negligible at 7B)."""
-    if hasattr(model, "get_decoder"):
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        return lambda **inputs: head(decoder(**inputs).last_hidden_state[:, -1])
-    return lambda **inputs: model(**inputs).logits[:, -1]  # not a transformers model: any forward giving .logits
-
-
-def compiled(model):
-    """--compile: the decode forward, compiled once per model with dynamic shapes (live rows and attention length
-    change without a recompile). No CUDA graphs (a simplification): one per (live rows, length) pair.
-    The first call, mostly compiling, is timed into `model.compile_s`."""
-    if getattr(model, "_compiled_forward", None) is None:
-        forward = torch.compile(decoder_step(model), dynamic=True)
-
-        def timed_forward(**inputs):
-            started = time.perf_counter()
-            out = forward(**inputs)  # the first call compiles: timed once
-            model.compile_s = getattr(model, "compile_s", None) or time.perf_counter() - started
-            return out
-        model._compiled_forward = timed_forward
-    return model._compiled_forward
-
-
-def next_tokens(logits, live, slots, temperature, top_p, repetition_penalty):
-    """Step 4's choice for every live row: the repetition penalty (if any), then sample(); the tokens and their
-    log-probs come to the host in one transfer, the step's one sync (ids are exact in float64)."""
-    if repetition_penalty != 1.0:
-        logits = penalize_repeats(logits, slots.seen[:len(live)], repetition_penalty)
-    picked, logp = sample(logits, temperature, top_p, [row.generator for row in live])
-    picked, logp = torch.stack([picked.double(), logp.double()]).tolist()
-    return [int(t) for t in picked], logp
-
-
-def step_row(row, t, logp, tokenizer, **rules):
-    """Steps 5-6 for one row: its sampled token t (log-prob logp), or instead the next token of a forced exit; False
-    when it ends."""
-    if row.forced:                   # 6. a forced exit writes its "</think>" over what was sampled
-        t = row.forced.pop(0)
-        row.sampled.append(0)
-        row.logprobs.append(0.0)
-    else:
-        row.sampled.append(1)
-        row.logprobs.append(logp)
-        if row.answer_left is not None:
-            row.answer_left -= 1
-    return advance(row, t, tokenizer, **rules) and len(row.tokens) < row.budget  # at the budget: "length"
+def forced_exit_ids(tokenizer, ids):
+    """The tokens of "</think>" as the tokenizer encodes them after this row's text (merges can cross the seam)."""
+    context = tokenizer.decode(ids[-4:])  # a few tokens of context are enough for a BPE merge across the seam
+    before = tokenizer.encode(context, add_special_tokens=False)
+    after = tokenizer.encode(context + THINK_END, add_special_tokens=False)
+    if after[:len(before)] == before:
+        return after[len(before):]
+    return tokenizer.encode(THINK_END, add_special_tokens=False)
 
 
 def compact(cache, slots, rows, done, tokens):
@@ -376,7 +416,7 @@ def compact(cache, slots, rows, done, tokens):
             j += 1
         if j >= last:
             break
-        slots.move(cache, last, j, rows[last].columns)
+        slots.move(cache, last, j, rows[last].written)
         rows[j], tokens[j], done[j], done[last] = rows[last], tokens[last], False, True
     return rows[:last + 1], tokens[:last + 1]
 
@@ -394,6 +434,9 @@ def stop_tokens(model, tokenizer):
         tokenizer._may_close = [">" in (t or "") for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer)))]
     return stop_ids, tokenizer._may_close
 
+
+# ----------------------------------------------------------------------------------------------------
+# The loop: steps 1-6
 
 @torch.inference_mode()  # not no_grad: no version counters or autograd views; ~10% of a tiny model's step (ours)
 def generate(model, processor, conversations, *, max_new_tokens=4096, temperature=0.0, top_p=1.0,
@@ -419,38 +462,37 @@ def generate(model, processor, conversations, *, max_new_tokens=4096, temperatur
     device, slots_n = next(model.parameters()).device, min(batch_size, n)
     cache, slots = allocate(model, slots_n, min(limit, max(lengths) + max(budgets)),
                             len(may_close) if repetition_penalty != 1.0 else None)
-    rope = 3 if hasattr(model.model, "get_rope_index") else 2
+    axes = 3 if hasattr(model.model, "get_rope_index") else 2  # M-RoPE's (t, h, w), or a plain LM's one position
     forward = compiled(model) if compile else decoder_step(model)
     pending = sorted(range(n), key=lambda i: lengths[i])  # similar lengths prefill together
     results, live, logits, forwards, occupied = [None] * n, [], None, 0, 0
     bar = tqdm(total=n, desc="generate", disable=not progress, delay=5, leave=False)  # shown if slow
     while pending or live:
-        if pending and slots_n - len(live) >= min(ADMIT_AT, max(1, slots_n // 8), len(pending)):  # admit: free slots
-            take = min(slots_n - len(live), PREFILL_ROWS)
+        free = slots_n - len(live)
+        if admit_now(free, slots_n, len(pending)):
+            take = min(free, PREFILL_ROWS)
             new, pending = pending[:take], pending[take:]
-            first, width = prefill(model, tokenizer, [encodings[i] for i in new], cache, slots, len(live))
+            new_logits, width = prefill(model, tokenizer, [encodings[i] for i in new], cache, slots, len(live))
             live += [Row(torch.Generator(device=device).manual_seed(seeds[i]), think_budget is not None, index=i,
-                         budget=min(budgets[i], limit - lengths[i]), columns=width) for i in new]
-            logits = first if logits is None else torch.cat([logits, first])
+                         budget=min(budgets[i], limit - lengths[i]), written=width) for i in new]
+            logits = new_logits if logits is None else torch.cat([logits, new_logits])
         picked, logp = next_tokens(logits[:, :len(may_close)], live, slots, temperature, top_p, repetition_penalty)
         done = [not step_row(row, t, lp, tokenizer, think_budget=think_budget, answer_budget=answer_budget,
                              stop_ids=stop_ids, may_close=may_close) for row, t, lp in zip(live, picked, logp)]
         tokens = [row.tokens[-1] for row in live]  # a forced exit wrote over what was sampled
         slots.hold(tokens)
-        for row, d in zip(live, done):
-            if d:
-                results[row.index] = Completion(tokenizer.decode(row.tokens, skip_special_tokens=True), row.tokens,
-                                                row.finish_reason, len(row.tokens), row.sampled, row.logprobs)
-                bar.update(1)
+        for row in (row for row, d in zip(live, done) if d):
+            results[row.index] = row.completion(tokenizer)
+            bar.update(1)
         live, tokens = compact(cache, slots, live, done, tokens)
         if not live:
             logits = None
             continue
-        cache.live, cache.length = len(live), max(row.columns for row in live) + 1  # attention sees [0, length)
-        logits = decode_one_token(forward, torch.tensor(tokens, device=device), cache, slots, rope)
+        logits = decode_one_token(forward, torch.tensor(tokens, device=device), [row.written for row in live], cache,
+                                  slots, axes)
         forwards, occupied = forwards + 1, occupied + len(live)
         for row in live:
-            row.columns += 1
+            row.written += 1
     bar.close()
     if stats is not None:
         stats.update(decode_forwards=forwards, occupancy=occupied / max(forwards * slots_n, 1))

@@ -165,6 +165,32 @@ def compare(model, processor, convs, budgets, slots, repeats, hf=False):
                   "ref_occupancy": STATS["occupied"] / max(ref_forwards * slots, 1)}
 
 
+def copy_bandwidth(megabytes=256, repeats=5):
+    """This host's memory bandwidth as a tensor copy sees it, GB/s read + written: what the reference's torch.cat of
+    the whole cache at every step pays for."""
+    src = torch.ones(megabytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src), lambda: None)[0] for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
+
+
+def kv_sweep(processor, lengths=(128, 256, 512, 1024), repeats=5):
+    """What the kv7b row depends on. Both loops read the same keys and values in attention; the reference also copies
+    its whole cache at every step (DynamicCache's torch.cat: 16 rows x 2 layers x K, V, 73 MB at 560 columns), ours
+    writes one column in place. So the ratio grows with the cache's length (the copies add up quadratically) and
+    falls as the host's memory bandwidth rises against its compute. The ratio at several lengths, and the host's
+    copy bandwidth."""
+    model = random_model("kv7b", processor, torch.float32, "cpu")
+    out = {"copy_gb_s": round(copy_bandwidth(), 1)}
+    for new in lengths:
+        best, _ = compare(model, processor, prompts(16), new, 16, repeats)
+        out[f"kv7b_b16_new{new}"] = round(best["ref_ratio"], 3)
+        print(f"kv7b_b16, {new} new tokens: speed-up {best['ref_ratio']:.2f}x", flush=True)
+    print(f"copy bandwidth {out['copy_gb_s']} GB/s")
+    return out
+
+
 def prompts(n):
     return [[data.user_message(f"Question {i}: what is {i} + {i}?")] for i in range(n)]
 
@@ -174,11 +200,18 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="bf16 3B/7B shapes on CUDA, tokens/s against the bandwidth bound")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs of each")
     ap.add_argument("--json", action="store_true", help="end with one JSON object of the ratios")
+    ap.add_argument("--kv-sweep", action="store_true", help="the kv7b row at 128-1024 new tokens, and this host's "
+                    "copy bandwidth: what that row depends on")
     args = ap.parse_args(argv)
     processor = data.load_processor("tiny")
     torch.manual_seed(0)
     if args.gpu:
         return gpu(processor)
+    if args.kv_sweep:
+        out = kv_sweep(processor, repeats=args.repeats)
+        if args.json:
+            print(json.dumps(out))
+        return out
     out = {}
     tiny = data.load_model("tiny").eval()
     for key, model, batch, new in [("tiny_b16", tiny, 16, 64),

@@ -231,20 +231,16 @@ def rollout_phase(args, infer, vocab):
     dtype = next(infer.parameters()).dtype
     with torch.no_grad():
         cache = generate.SlotCache(infer.config, n, P + T, dtype, "cpu")
-        slots = generate.Slots(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
-                               torch.zeros(n, P + T, dtype=dtype))
+        slots = generate.Slots(torch.zeros(n, dtype=torch.long), torch.zeros(n, P + T, dtype=dtype))
         for first in range(0, n, generate.PREFILL_ROWS):  # admitted and prefilled as generate.py does
             rows = min(generate.PREFILL_ROWS, n - first)
             batch = {"input_ids": tokens(rows, P, vocab)}
             positions, next_pos = text_positions(infer, batch)
-            cache.prefill_rows = slice(first, first + rows)
+            cache.write_prompts(slice(first, first + rows))
             infer(input_ids=batch["input_ids"], position_ids=positions, past_key_values=cache, use_cache=True,
                   logits_to_keep=1)
-            cache.prefill_rows = None
-        slots.length.fill_(P + T - 1)  # the last step: every row at the end of its budget
-        slots.position.fill_(P + T - 1)
-        cache.live, cache.length = n, P + T
-        generate.decode_one_token(infer, tokens(n, 1, vocab)[:, 0], cache, slots, 3)
+        slots.position.fill_(P + T - 1)  # the last step: every row at the end of its budget
+        generate.decode_one_token(infer, tokens(n, 1, vocab)[:, 0], [P + T - 1] * n, cache, slots, 3)
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
@@ -303,6 +299,8 @@ def estimate(args):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
+    if dist.is_initialized():  # a group of one an in-process run left up (plumbing.distributed.finish): the fake
+        dist.destroy_process_group()  # world replaces it; the next run starts a new one
     dist.init_process_group("fake", rank=0, world_size=args.world, store=FakeStore())
     mesh = init_device_mesh("cpu", (args.world,))  # before the fake mode: the mesh itself is real
     fake = None if args.real else FakeTensorMode()

@@ -318,9 +318,9 @@ def test_the_slot_cache_is_never_reallocated(model, processor, monkeypatch):
     step to the last, while rows finish and new ones are admitted (DynamicCache reallocates every step)."""
     seen, real = [], G.decode_one_token
 
-    def watch(forward, tokens, cache, slots, rope):
+    def watch(forward, tokens, columns, cache, slots, axes):
         seen.append([(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers])
-        return real(forward, tokens, cache, slots, rope)
+        return real(forward, tokens, columns, cache, slots, axes)
     monkeypatch.setattr(G, "decode_one_token", watch)
     stats = {}
     G.generate(model, processor, slot_case(processor), max_new_tokens=[4 + i for i in range(12)], batch_size=3,
