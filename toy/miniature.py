@@ -52,6 +52,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +60,14 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import generate  # noqa: E402
 import grpo  # noqa: E402
 import sft  # noqa: E402
 from plumbing.charts import svg_page  # noqa: E402
 from plumbing import tiny  # noqa: E402
 
 BATCH = 32  # sequences per optimizer step in every SFT part (ours)
+BASE_LEVELS = "400,1600"  # --study base: base c's steps (ours: the first study's 400, and 4x; README: why)
 PROMPTS, GROUP = 16, 8  # a GRPO step's prompts and samples per prompt (ours; B.2: 128 x 8)
 
 
@@ -74,10 +77,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/miniature", help="data, checkpoints, evaluations, results.md")
     ap.add_argument("--seeds", help="comma-separated seeds; the table gives mean (min-max) (default: 0; --study: 0,1,2)")
     ap.add_argument("--quick", action="store_true", help="a small model and budgets: the pipeline, not the result")
-    ap.add_argument("--study", action="store_true", help="post-train at every --levels of frozen decoder layers "
-                    "(seeds 0,1,2 unless --seeds): results.md and results.svg, image accuracy against the level")
-    ap.add_argument("--levels", help="--study: the lowest decoder layers frozen in stage 1, GRPO and the control "
-                    "(ours: 0,1,2; --quick 0,1; 0 is the single run's setting)")
+    ap.add_argument("--study", nargs="?", const="freeze", choices=["freeze", "base"],
+                    help="post-train at every --levels (seeds 0,1,2 unless --seeds): results.md and results.svg, "
+                    "image accuracy against the level. freeze (the default): decoder layers frozen in post-training "
+                    "(toy/study/); base: the length of base c's joint training (toy/study2/)")
+    ap.add_argument("--levels", help="--study freeze: the lowest decoder layers frozen in stage 1, GRPO and the "
+                    "control (ours: 0,1,2; --quick 0,1; 0 is the single run's setting). --study base: base c's "
+                    f"steps, replacing --joint-steps (ours: {BASE_LEVELS}; --quick 3,6; README: how they were fixed)")
     # the task (ours): a + b with `digits`-digit operands, the expression drawn one character per 28-pixel cell
     ap.add_argument("--digits", type=int, default=4, help="digits per operand (ours)")
     ap.add_argument("--eval-items", type=int, default=100, help="held-out sums per split, validation and test")
@@ -107,9 +113,17 @@ def parse_args(argv=None):
         args.base_problems, args.sft_problems = 64, 64
         args.grpo_steps = 2
     args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.study else "0")).split(",")]
-    levels = (args.levels or ("0,1" if args.quick else "0,1,2")) if args.study else "0"  # quick: 2 layers
-    args.levels = [int(k) for k in levels.split(",")]
-    if any(not 0 <= k < args.layers for k in args.levels):
+    if args.study == "base":
+        levels = args.levels or ("3,6" if args.quick else BASE_LEVELS)
+    else:
+        levels = (args.levels or ("0,1" if args.quick else "0,1,2")) if args.study else "0"  # quick: 2 layers
+    try:
+        args.levels = [int(k) for k in levels.split(",")]
+    except ValueError:
+        ap.error(f"--levels: comma-separated whole numbers, not {levels!r}")
+    if args.study == "base" and (any(k < 1 for k in args.levels) or args.levels != sorted(set(args.levels))):
+        ap.error("--levels: base c's steps must be positive and increasing, e.g. 400,1600")
+    if args.study != "base" and any(not 0 <= k < args.layers for k in args.levels):
         ap.error(f"--levels: each level must be from 0 to {args.layers - 1} (frozen layers of {args.layers})")
     return args
 
@@ -225,6 +239,10 @@ def write_data(folder, args, seed):
                                  for a, b in items]
         rows[f"{split}-image"] = [{"id": f"{a}+{b}", "question": QUESTION.format("<image 1>"), "answer": a + b,
                                    "images": [picture(a, b)]} for a, b in items]
+    # the base's tie (--study base): the validation sums half drawn, first or second operand in turn, as base c's
+    # half rows are (no draw from rng: the other rows stay as they were)
+    rows["val-half"] = [{"id": f"{a}+{b}", "question": QUESTION.format(f"<image 1>+{b}" if i % 2 == 0 else f"{a}+<image 1>"),
+                         "answer": a + b, "images": [picture(a) if i % 2 == 0 else picture(b)]} for i, (a, b) in enumerate(val)]
     for name, part in rows.items():
         data.write_jsonl(str(folder / f"{name}.jsonl"), part)
     return {name: folder / f"{name}.jsonl" for name in rows}
@@ -252,27 +270,29 @@ def stage(name, out, run):
     return out / "final"
 
 
-def sft_stage(model, rows, steps, lr, seed, extra=()):
+def sft_stage(model, rows, steps, lr, seed, extra=(), warmup=0.05):
     """sft.py for `steps` steps of 32 sequences at a constant lr after a 5% warm-up, gradients clipped at 1
     (reading images was not learned without the clip: README), every batch a random draw (--window 1: sft.py's
-    length grouping would make base c's batches all reading rows or all answers, and its model read images worse)."""
+    length grouping would make base c's batches all reading rows or all answers, and its model read images worse).
+    `extra` flags come last, so they win over stage()'s checkpoint settings."""
     n = len(Path(rows).read_text().splitlines())
     return lambda out: sft.main(["--model", str(model), "--data", str(rows), "--epochs", str(math.ceil(steps * BATCH / n)),
                                  "--max-steps", str(steps), "--global-batch", str(BATCH), "--micro-batch", str(BATCH),
-                                 "--lr", str(lr), "--lr-decay", "1.0", "--warmup", "0.05", "--grad-clip", "1.0",
-                                 "--max-len", "512", "--window", "1", "--seed", str(seed), *extra, *out])
+                                 "--lr", str(lr), "--lr-decay", "1.0", "--warmup", str(warmup), "--grad-clip", "1.0",
+                                 "--max-len", "512", "--window", "1", "--seed", str(seed), *out, *extra])
 
 
 def thought_budget(digits):
     return 16 + 12 * (digits + 2)  # the worked thought is ~11 tokens a line: the forced exit stays clear of it
 
 
-def measure(model, files, split, args, out):
-    """evaluate.py on the text items and their image twins: accuracy, the share of answers with a worked thought,
-    and the share whose thought opens with the sum read right."""
+def measure(model, files, split, args, out, modalities=("text", "image")):
+    """evaluate.py on the text items and their image twins (or `modalities`: "half", the half-drawn validation
+    sums): accuracy, the share of answers with a worked thought, and the share whose thought opens with the sum
+    read right."""
     budget = thought_budget(args.digits)
     result = {}
-    for modality in ("text", "image"):
+    for modality in modalities:
         where = out / f"{split}-{modality}"
         # --max-pixels 0: the processor's own resolution, as in training (evaluate.py's default, the 7B model
         # card's 262,144 pixels, would blow a 9-character sum up to hundreds of visual tokens it never saw)
@@ -303,8 +323,51 @@ def reading(line, gold):
     return (line == gold, len(said) == 2 and said[0] == want[0], len(said) == 2 and said[1] == want[1])
 
 
-def base_model(args, seed, out, files):
-    """Step 0: the base, in three sft.py parts from a random init; each part reused if its final checkpoint exists."""
+def tie(base, files, args, out):
+    """How firmly a base ties image tokens to text, on validation, before any post-training: the share of half-drawn
+    sums ("What is <image 1>+3856?") whose restated line reads the whole sum right, and the twin similarity."""
+    half = measure(base, files, "val", args, out, modalities=("half",))["half"]
+    return {"half_read": half["read"], "twin_similarity": twin_similarity(base, files["val-text"], files["val-image"])}
+
+
+def twin_similarity(path, text_rows, image_rows):
+    """The base's hidden states along its own direct answer, teacher-forced after a text item and after the item's
+    image twin: each decoder layer's output averaged over the answer's tokens, centred on the mean of all items in
+    both modalities (what every answer shares would make any two states look alike: 0.996 uncentred for a base of 3
+    steps), then compared by cosine similarity, averaged over layers and items. 1: the drawn sum puts the language
+    model where the typed sum does; 0: the image's state tells nothing of its twin's."""
+    model, processor = data.load_model(str(path)).eval(), data.load_processor(str(path))
+    tokenizer, folder = data.tokenizer_of(processor), Path(image_rows).parent
+    states = {"text": [], "image": []}
+    with torch.no_grad():
+        for text, image in zip(data.read_rows(str(text_rows)), data.read_rows(str(image_rows))):
+            a, b = map(int, text["id"].split("+"))
+            answer = tokenizer(direct(a, b), add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, T)
+            for modality, row in (("text", text), ("image", image)):
+                images = [data.load_image(name, folder) for name in row.get("images", [])]
+                prompt = data.user_message(data.eval_prompt(row["question"], template="train"), images)
+                inputs = dict(generate.encode(processor, [prompt]))
+                inputs["input_ids"] = torch.cat([inputs["input_ids"], answer], 1)
+                inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                if "mm_token_type_ids" in inputs:  # the answer's tokens are text
+                    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+                hidden = model(**inputs, output_hidden_states=True).hidden_states[1:]  # one per decoder layer
+                states[modality].append(torch.stack([h[0, -answer.shape[1]:].mean(0) for h in hidden]))  # (layers, H)
+    return centred_similarity(torch.stack(states["text"]), torch.stack(states["image"]))
+
+
+def centred_similarity(text, image):
+    """Mean cosine similarity of each item's text and image states (items, layers, H) after both are centred on the
+    mean state of that layer over every item of both modalities."""
+    centre = torch.cat([text, image]).mean(0)
+    return float(torch.cosine_similarity(text - centre, image - centre, dim=-1).mean())
+
+
+def base_model(args, seed, out, files, steps):
+    """Step 0: the base, in three sft.py parts from a random init, each reused if its final checkpoint exists;
+    returns {base c's steps: checkpoint}. One count (`steps` [--joint-steps]): out/base. Several (--study base):
+    one base c run as long as the longest, its checkpoint at each shorter count kept, every count with the warm-up
+    of the shortest (5% of it), so that a shorter level's base is exactly the first steps of a longer one's."""
     init = out / "init"
     if not (init / "config.json").exists():
         head = args.hidden // 32
@@ -320,8 +383,14 @@ def base_model(args, seed, out, files):
                sft_stage(init, files["language"], args.lm_steps, args.lr, seed))
     eyes = stage("base b: vision alignment, the language model frozen", out / "align",
                  sft_stage(lm, files["align"], args.align_steps, args.align_lr, seed, ["--train-vision", "--freeze-text"]))
-    return stage("base c: reading and direct answers, text and images", out / "base",
-                 sft_stage(eyes, files["joint"], args.joint_steps, args.lr, seed, ["--train-vision"]))
+    name = "base c: reading and direct answers, text and images"
+    if len(steps) == 1:
+        return {steps[0]: stage(name, out / "base", sft_stage(eyes, files["joint"], steps[0], args.lr, seed,
+                                                              ["--train-vision"]))}
+    kept = ["--train-vision", "--save-every", str(math.gcd(*steps)), "--keep", "0"]
+    final = stage(f"{name}, {steps[-1]} steps", out / "joint", sft_stage(eyes, files["joint"], steps[-1], args.lr, seed,
+                                                                           kept, warmup=0.05 * steps[0] / steps[-1]))
+    return {k: final if k == steps[-1] else out / "joint" / f"step_{k}" for k in steps}
 
 
 def post_train(args, seed, out, files, base, level):
@@ -341,18 +410,29 @@ def post_train(args, seed, out, files, base, level):
 
 
 def one_seed(args, seed):
-    """Every model of one seed, scored: {level: {model: {split: measure()}}}; level 0 lives where a single run's
-    stages do (out/seedN/sft, ...), level k in out/seedN/freezeK/."""
+    """Every model of one seed, scored: {level: {model: {split: measure()}}}. --study freeze: one base shared by
+    every level; level 0 lives where a single run's stages do (out/seedN/sft, ...), level k in out/seedN/freezeK/.
+    --study base: a base per level (base c's checkpoint at that step), its tie measured (tie()), nothing frozen in
+    post-training; level k in out/seedN/jointK/."""
     out = Path(args.out) / f"seed{seed}"
     files = write_data(out / "data", args, seed)
-    base = base_model(args, seed, out, files)
-    scored = {"base": {split: measure(base, files, split, args, out / "eval" / "base") for split in ("val", "test")}}
-    results = {}
-    for level in args.levels:
-        where = out if level == 0 else out / f"freeze{level}"
-        models = post_train(args, seed, where, files, base, level)
-        results[level] = scored | {name: {split: measure(path, files, split, args, where / "eval" / name)
-                                          for split in ("val", "test")} for name, path in models.items()}
+    if args.study == "base":
+        bases = base_model(args, seed, out, files, args.levels)
+        plan = [(k, bases[k], out / f"joint{k}", 0) for k in args.levels]
+    else:
+        base = base_model(args, seed, out, files, [args.joint_steps])[args.joint_steps]
+        plan = [(k, base, out if k == 0 else out / f"freeze{k}", k) for k in args.levels]
+    results, scored = {}, {}
+    for level, base, where, frozen in plan:
+        if base not in scored:  # a base is scored once, however many levels share it
+            home = where if args.study == "base" else out
+            scored[base] = {"base": {split: measure(base, files, split, args, home / "eval" / "base")
+                                     for split in ("val", "test")}}
+            if args.study == "base":
+                scored[base]["tie"] = tie(base, files, args, home / "eval" / "tie")
+        models = post_train(args, seed, where, files, base, frozen)
+        results[level] = scored[base] | {name: {split: measure(path, files, split, args, where / "eval" / name)
+                                                for split in ("val", "test")} for name, path in models.items()}
     return results
 
 
@@ -367,9 +447,9 @@ COLUMNS = [("text", "accuracy", "text accuracy %"), ("image", "accuracy", "image
            ("image", "read_first", "... the first operand %"), ("image", "read_second", "... the second operand %")]
 
 
-def cell(values):
-    mean = sum(values) / len(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
+def cell(values, digits=1):
+    mean, f = sum(values) / len(values), f"{{:.{digits}f}}".format
+    return f(mean) if len(values) == 1 else f"{f(mean)} ({f(min(values))}-{f(max(values))})"
 
 
 def table(results, split="test"):
@@ -390,34 +470,64 @@ def per_seed(results, split="test"):
     return "\n".join(lines)
 
 
-def study_table(results, levels, split):
-    """Markdown: per level, image accuracy of each post-trained model and the image thoughts restating the sum."""
+LEVEL = {"freeze": "frozen layers", "base": "base c steps"}
+AXIS = {"freeze": "decoder layers frozen in post-training", "base": "base c's joint-training steps"}
+
+
+def study_table(results, levels, split, kind="freeze"):
+    """Markdown: per level, image accuracy of each post-trained model, the image thoughts restating the sum and
+    text accuracy; --study base first gives the bases' tie, measured on validation (tie())."""
     keys = [("sft", "image", "accuracy"), ("grpo", "image", "accuracy"), ("control", "image", "accuracy"),
             ("sft", "image", "read"), ("grpo", "image", "read"), ("sft", "text", "accuracy"), ("grpo", "text", "accuracy")]
-    lines = ["| frozen layers | image accuracy %: stage 1 | GRPO | control | image thoughts restating the sum %: "
-             "stage 1 | GRPO | text accuracy %: stage 1 | GRPO |", "|---" * 8 + "|"]
+    ties = kind == "base"
+    lines = [f"| {LEVEL[kind]} | " + ("base's tie (validation): half-drawn sums read % | twin similarity | " if ties
+                                      else "") + "image accuracy %: stage 1 | GRPO | control | image thoughts "
+             "restating the sum %: stage 1 | GRPO | text accuracy %: stage 1 | GRPO |", "|---" * (8 + 2 * ties) + "|"]
     for level in levels:
         runs = [r[level] for r in results.values()]
-        lines.append(f"| {level} | " + " | ".join(cell([r[m][split][modality][k] for r in runs])
-                                                  for m, modality, k in keys) + " |")
+        cells = [cell([r["tie"]["half_read"] for r in runs]), cell([r["tie"]["twin_similarity"] for r in runs], 3)
+                 ] if ties else []
+        cells += [cell([r[m][split][modality][k] for r in runs]) for m, modality, k in keys]
+        lines.append(f"| {level} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def study_chart(results, levels, split="test"):
+def tie_per_seed(results, levels, split="test"):
+    """Markdown (--study base): each seed's bases, their tie and what post-training made of them, level by level."""
+    lines = ["| seed | base c steps | half-drawn sums read % | twin similarity | image accuracy %: stage 1 | GRPO | "
+             "control |", "|---" * 7 + "|"]
+    for seed, runs in results.items():
+        for k in levels:
+            r = runs[k]
+            lines.append(f"| {seed} | {k} | {r['tie']['half_read']:.0f} | {r['tie']['twin_similarity']:.3f} | " +
+                         " | ".join(f"{r[m][split]['image']['accuracy']:.0f}" for m in ("sft", "grpo", "control")) + " |")
+    return "\n".join(lines)
+
+
+def study_chart(results, levels, split="test", kind="freeze"):
     """Three panels against the level, on a 0-100 axis: image accuracy of stage 1, GRPO and the control (each seed a
     dot, the mean a line); the share of their image thoughts that restate the drawn sum; their text accuracy (what
-    freezing costs the thought itself)."""
+    the level costs the thought itself). --study base adds a fourth: image accuracy after post-training against the
+    tie each base had (its twin similarity), a dot per seed and level."""
     def panel(title, modality, metric, models):
         series = [(name, [sum(r[k][m][split][modality][metric] for r in results.values()) / len(results)
                           for k in levels]) for m, name in models]
         dots = [(i, k, r[k][m][split][modality][metric]) for i, (m, _) in enumerate(models) for k in levels
                 for r in results.values()]
-        return (title, levels, series, "decoder layers frozen in post-training", False, dots, (0, 100))
+        return (title, levels, series, AXIS[kind], False, dots, (0, 100))
     models = [("sft", "stage 1 (text SFT)"), ("grpo", "+ GRPO (text)"), ("control", "control (direct answers)")]
-    return svg_page([panel(f"image accuracy % ({split})", "image", "accuracy", models),
-                     panel("image thoughts restating the sum %", "image", "read", models[:2]),
-                     panel(f"text accuracy % ({split})", "text", "accuracy", models[:2])],
-                    f"Miniature study: {len(results)} seeds, each a dot; lines: the mean", 380, 280, 3)
+    panels = [panel(f"image accuracy % ({split})", "image", "accuracy", models),
+              panel("image thoughts restating the sum %", "image", "read", models[:2]),
+              panel(f"text accuracy % ({split})", "text", "accuracy", models[:2])]
+    if kind == "base":
+        ties = sorted({r[k]["tie"]["twin_similarity"] for r in results.values() for k in levels})
+        dots = [(i, r[k]["tie"]["twin_similarity"], r[k][m][split]["image"]["accuracy"])
+                for i, (m, _) in enumerate(models[:2]) for k in levels for r in results.values()]
+        panels.append((f"image accuracy % ({split}) against the base's tie", ties,
+                       [(name, [None] * len(ties)) for _, name in models[:2]],
+                       "twin similarity of the base (validation)", False, dots, (0, 100)))
+    return svg_page(panels, f"Miniature study: {len(results)} seeds, each a dot; lines: the mean", 380, 280,
+                    2 if kind == "base" else 3)
 
 
 def report(args, results, minutes):
@@ -428,9 +538,12 @@ def report(args, results, minutes):
             "machine (stages reused from an earlier call are not in it).\n\n")
     flat = {seed: r[0] for seed, r in results.items()} if not args.study else results  # a single run: level 0
     if args.study:
-        text = head + (f"Test split:\n\n{study_table(results, args.levels, 'test')}\n\n"
-                       f"Validation split:\n\n{study_table(results, args.levels, 'val')}\n")
-        (out / "results.svg").write_text(study_chart(results, args.levels))
+        kind = args.study
+        text = head + (f"Test split:\n\n{study_table(results, args.levels, 'test', kind)}\n\n"
+                       f"Validation split:\n\n{study_table(results, args.levels, 'val', kind)}\n")
+        if kind == "base":
+            text += f"\nEach seed's bases, test split:\n\n{tie_per_seed(results, args.levels)}\n"
+        (out / "results.svg").write_text(study_chart(results, args.levels, kind=kind))
     else:
         text = head + (f"Test split:\n\n{table(flat)}\n\nValidation split:\n\n{table(flat, 'val')}\n\n"
                        f"Text / image accuracy % per seed, test split:\n\n{per_seed(flat)}\n")
