@@ -2,6 +2,7 @@
 --quick mode (the pipeline and the table's form, not the scientific outcome: that is the README's 3-seed table)."""
 import json
 import re
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -107,6 +108,13 @@ def test_the_data_keeps_images_out_of_post_training_and_twins_in_evaluation(tmp_
         assert [(t["id"], t["answer"]) for t in text] == [(i["id"], i["answer"]) for i in image]
         assert all(t["question"] == f"What is {t['id']}?" for t in text)
         assert all((tmp_path / i["images"][0]).exists() and i["question"] == "What is <image 1>?" for i in image)
+    # the base's tie is read on the validation sums half drawn: first operand drawn, then second, in turn
+    half = rows["val-half"]
+    assert [r["id"] for r in half] == [r["id"] for r in rows["val-text"]]
+    for i, r in enumerate(half):
+        a, b = r["id"].split("+")
+        drawn, typed = (a, b) if i % 2 == 0 else (b, a)
+        assert r["images"] == [f"images/{drawn}.png"] and typed in r["question"] and drawn not in r["question"]
     held_out = {r["id"] for s in ("test", "val") for r in rows[f"{s}-text"]}
     trained = set()
     for k in ("joint", "sft", "rl", "control"):
@@ -202,3 +210,98 @@ def test_quick_runs_every_stage_and_writes_the_table(study):
     assert len(rows) == 8 and all(len(re.findall(r"\d+\.\d", line)) == 6 for line in rows)  # 4 models x 2 splits
     saved = json.loads((tmp_path / "results.json").read_text())["results"]["0"]
     assert saved["grpo"]["test"] == results[0]["grpo"]["test"]
+
+
+def test_study_levels_are_checked_before_anything_runs(capsys):
+    assert miniature.parse_args(["--study"]).study == "freeze"  # the first study, as before
+    args = miniature.parse_args(["--study", "base"])
+    assert args.levels == [int(k) for k in miniature.BASE_LEVELS.split(",")] and args.seeds == [0, 1, 2]
+    for bad, why in (("1600,400", "increasing"), ("0,400", "positive"), ("400,400", "increasing"), ("4e2", "whole")):
+        with pytest.raises(SystemExit):
+            miniature.parse_args(["--study", "base", "--levels", bad])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a freeze level must be a layer the model has
+        miniature.parse_args(["--study", "--levels", "4"])
+
+
+def test_centred_similarity_by_hand():
+    """Two items, one layer, 2-wide states. Text (1, 0), (-1, 0); image (1, 1), (-1, 1): the image adds (0, 1) to
+    both. The mean of all four is (0, 0.5), so text - mean = (1, -0.5), (-1, -0.5) and image - mean = (1, 0.5),
+    (-1, 0.5): cos = (1 - 0.25) / 1.25 = 0.6 for each item (uncentred it would be 1/sqrt(2) = 0.707)."""
+    text, image = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]]), torch.tensor([[[1.0, 1.0]], [[-1.0, 1.0]]])
+    assert miniature.centred_similarity(text, image) == pytest.approx(0.6, abs=1e-6)
+    assert miniature.centred_similarity(text, text) == pytest.approx(1.0, abs=1e-6)
+    assert miniature.centred_similarity(text, text.flip(0)) == pytest.approx(-1.0, abs=1e-6)  # twins swapped
+
+
+@pytest.fixture(scope="module")
+def base_study(study, tmp_path_factory):
+    """--quick --study base on seed 0 at base c's steps 3 and 6, from the freeze study's base a and b (copied: the
+    same seed and settings give the same parts, and a copy is reused as a finished stage)."""
+    first, _ = study
+    out = tmp_path_factory.mktemp("study2")
+    for part in ("init", "language", "align"):
+        shutil.copytree(first / "seed0" / part, out / "seed0" / part)
+    return out, miniature.main(["--out", str(out), "--quick", "--study", "base", "--levels", "3,6", "--seeds", "0"])
+
+
+def test_base_study_trains_one_base_c_and_post_trains_each_checkpoint(study, base_study):
+    first, _ = study
+    out, results = base_study
+    seed = out / "seed0"
+    assert set(results) == {0} and set(results[0]) == {3, 6}
+    assert not (seed / "base").exists() and (seed / "joint" / "step_3" / "config.json").exists()
+    joint = json.loads((seed / "joint" / "args.json").read_text())["args"]
+    assert (joint["max_steps"], joint["save_every"], joint["keep"]) == (6, 3, 0)
+    assert joint["warmup"] * 6 == pytest.approx(0.05 * 3)  # the warm-up of the shortest level, in steps
+    for level, base in ((3, seed / "joint" / "step_3"), (6, seed / "joint" / "final")):
+        for stage in ("sft", "control"):
+            run = json.loads((seed / f"joint{level}" / stage / "args.json").read_text())["args"]
+            assert run["model"] == str(base) and run["freeze_layers"] == 0
+        tie = results[0][level]["tie"]
+        assert 0 <= tie["half_read"] <= 100 and -1 <= tie["twin_similarity"] <= 1
+        records = (seed / f"joint{level}" / "eval" / "tie" / "val-half" / "custom.jsonl").read_text().splitlines()
+        assert len(records) == 16
+    # a shorter level's base is the first steps of the longer run: step 3 of the 6-step run is, weight for weight,
+    # the 3-step base c the freeze study trained from the same base b
+    nested = data.load_model(str(seed / "joint" / "step_3")).state_dict()
+    single = data.load_model(str(first / "seed0" / "base" / "final")).state_dict()
+    assert all(torch.equal(nested[k], single[k]) for k in single)
+    longer = data.load_model(str(seed / "joint" / "final")).state_dict()
+    assert any(not torch.equal(nested[k], longer[k]) for k in nested)
+    text = (out / "results.md").read_text()
+    assert "| base c steps | base's tie" in text and "| 0 | 3 | " in text and "| 0 | 6 | " in text
+    circles = list(ET.parse(str(out / "results.svg")).getroot().iter("{http://www.w3.org/2000/svg}circle"))
+    assert len(circles) == 2 * (3 + 2 + 2) + 2 * 2  # levels x (3 panels' dots) + the tie panel: 2 models x 2 bases
+
+
+def test_twin_similarity_is_one_for_a_text_twin_and_lower_for_another_item(study, tmp_path):
+    """The measure against its two ends: the text items given as their own twins give 1 (the same states); each
+    item paired with another item's text gives less."""
+    first, _ = study
+    base, rows = first / "seed0" / "base" / "final", first / "seed0" / "data" / "val-text.jsonl"
+    assert miniature.twin_similarity(base, rows, rows) == pytest.approx(1.0, abs=1e-5)
+    items = rows.read_text().splitlines()
+    shifted = tmp_path / "shifted.jsonl"
+    shifted.write_text("\n".join(items[1:] + items[:1]) + "\n")
+    assert miniature.twin_similarity(base, rows, shifted) < 0.5
+
+
+def test_base_study_chart_and_table_by_hand():
+    """Two seeds at base c steps 400 and 1600, made up: the table opens with each level's tie, mean (min-max); the
+    fourth panel puts each seed's image accuracy at its own base's twin similarity."""
+    def scores(acc, read=0.0, text=0.0):
+        return {"test": {"image": {"accuracy": acc, "read": read}, "text": {"accuracy": text}}}
+    results = {seed: {level: {"tie": {"half_read": 90.0 + seed + level / 400, "twin_similarity": 0.1 * seed + level / 4000},
+                              "sft": scores(seed + level / 100), "grpo": scores(2.0 * seed), "control": scores(0.0)}
+                      for level in (400, 1600)} for seed in (0, 1)}
+    rows = miniature.study_table(results, [400, 1600], "test", "base").splitlines()
+    assert rows[0].startswith("| base c steps | base's tie (validation): half-drawn sums read % | twin similarity |")
+    assert rows[3].startswith("| 1600 | 94.5 (94.0-95.0) | 0.450 (0.400-0.500) | 16.5 (16.0-17.0) | 1.0 (0.0-2.0) |")
+    svg = ET.fromstring(miniature.study_chart(results, [400, 1600], kind="base"))
+    ns = "{http://www.w3.org/2000/svg}"
+    dots = [(c.get("data-label"), float(c.get("data-x")), float(c.get("data-y"))) for c in svg.iter(ns + "circle")]
+    assert len(dots) == 2 * 2 * (3 + 2 + 2) + 2 * 2 * 2
+    assert sorted(d for d in dots[-8:] if d[0] == "stage 1 (text SFT)") == [
+        ("stage 1 (text SFT)", 0.1, 4.0), ("stage 1 (text SFT)", 0.2, 5.0), ("stage 1 (text SFT)", 0.4, 16.0),
+        ("stage 1 (text SFT)", 0.5, 17.0)]
