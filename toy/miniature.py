@@ -22,7 +22,8 @@ the validation split; the README's table is the test split (README, "The transfe
     python toy/miniature.py --out runs/miniature                 # one seed, ~38 min on 2 CPU cores (measured: seed 0)
     python toy/miniature.py --out runs/miniature --seeds 0,1,2   # the README's table: three seeds, mean (range)
     python toy/miniature.py --out runs/mini --quick              # the pipeline end to end, 19 s on 2 CPU cores
-    python toy/miniature.py --out runs/study --study             # the study below: 3 seeds x 3 levels, ~4 h
+    python toy/miniature.py --out runs/study --study             # the first study below: 3 seeds x 3 levels, ~4 h
+    python toy/miniature.py --out runs/study2 --study base       # the second: 3 seeds x 2 bases (toy/study2/)
 
 The study (--study) varies one thing: how many of the lowest decoder layers stay frozen in the three text-only
 post-training runs (stage 1, GRPO, the control): 0 (the single run's setting), 1 and 2 of 4, three seeds each, one
@@ -35,6 +36,12 @@ results.svg: image accuracy, the restated share and text accuracy against the le
 line. Finding (toy/study/, README): no level gives image accuracy (at most 1% for every seed and model); freezing
 keeps some reading only by stopping the free layers from learning the thought on text at all.
 Cost, measured: 77-82 min a seed, ~4 h in all on 2 CPU cores (README).
+
+The second study (--study base) varies the base instead: how long base c trains on reading and direct answers in
+both modalities, 400 steps (the first study's base) or 1,600, one run per seed whose step-400 checkpoint is the
+shorter level's base; post-training as in the single run, nothing frozen. Before post-training, each base's tie
+is measured on validation (tie()): the share of half-drawn sums it restates right, and the twin similarity of its
+hidden states after a typed sum and after the same sum drawn. The levels were fixed by cost before any run (README).
 
 Deliberate simplifications: one task (addition), one font, a model of a few million parameters trained for
 minutes; settings a 7B model does not need, each one measured (README): M-RoPE's rotary frequencies all on the
