@@ -106,12 +106,13 @@ def torchrun(script, args, nproc=2, timeout=300, env=None):
     """`torchrun --standalone --nproc_per_node nproc script args` (plain `python` for 1), from the repository root:
     (the CompletedProcess, {rank: "alive" or "destroyed"}: each rank's process group at interpreter exit). One thread
     a process, as torchrun gives its ranks, so one process and two ranks sum alike; `env` may say otherwise."""
-    probe_dir = Path(tempfile.mkdtemp(prefix="exit-probe-"))
-    (probe_dir / "probe.py").write_text(EXIT_PROBE)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
         if nproc > 1 else [sys.executable]
-    r = subprocess.run([*launcher, str(probe_dir / "probe.py"), script, str(probe_dir / "pg"), *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    at_exit = {int(f.suffix[5:]): f.read_text() for f in probe_dir.glob("pg.rank*")}
+    with tempfile.TemporaryDirectory(prefix="exit-probe-") as probe_dir:  # gone afterwards, whatever happened
+        probe_dir = Path(probe_dir)
+        (probe_dir / "probe.py").write_text(EXIT_PROBE)
+        r = subprocess.run([*launcher, str(probe_dir / "probe.py"), script, str(probe_dir / "pg"), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        at_exit = {int(f.suffix[5:]): f.read_text() for f in probe_dir.glob("pg.rank*")}
     return r, at_exit
