@@ -224,6 +224,32 @@ def test_study_levels_are_checked_before_anything_runs(capsys):
         miniature.parse_args(["--study", "--levels", "4"])
 
 
+def test_a_stage_cut_short_resumes_from_its_newest_step_and_ends_where_an_uninterrupted_one_does(tmp_path, capsys):
+    """A study spans hours, and a machine's session may end in the middle of a stage: stage() saves a step every
+    `every` steps and, called again, resumes from the newest one instead of starting over. Here a 4-step SFT stage
+    killed after its step-2 checkpoint (final/ gone, step_2 left) is resumed and ends on the weights of the run
+    that went straight through."""
+    import sft
+
+    def part(steps):
+        return lambda out: sft.main(["--model", "tiny", "--data", "toy", "--max-steps", str(steps), "--global-batch",
+                                     "4", "--micro-batch", "4", "--epochs", "1", "--seed", "0", *out])
+    straight = miniature.stage("straight", tmp_path / "straight", part(4), every=2)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "straight", cut)  # as a kill after step 3 leaves it: step_2 saved, no final/
+    shutil.rmtree(cut / "final")
+    assert [p.name for p in cut.glob("step_*")] == ["step_2"]
+    (cut / "kept").write_text("a fresh start (--overwrite) would clear the directory")
+    capsys.readouterr()
+    resumed = miniature.stage("cut", cut, part(4), every=2)
+    assert "cut ... resuming from step_2" in capsys.readouterr().err and (cut / "kept").exists()
+    a, b = (data.load_model(str(path)).state_dict() for path in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert miniature.stage("cut", cut, None) == resumed  # finished: reused, nothing run
+    with pytest.raises(SystemExit, match="run the same command again to resume it"):
+        miniature.stage("never ends", tmp_path / "never", lambda out: None)
+
+
 def test_centred_similarity_by_hand():
     """Two items, one layer, 2-wide states. Text (1, 0), (-1, 0); image (1, 1), (-1, 1): the image adds (0, 1) to
     both. The mean of all four is (0, 0.5), so text - mean = (1, -0.5), (-1, -0.5) and image - mean = (1, 0.5),

@@ -47,7 +47,7 @@ Deliberate simplifications: one task (addition), one font, a model of a few mill
 minutes; settings a 7B model does not need, each one measured (README): M-RoPE's rotary frequencies all on the
 image width axis, random batches instead of sft.py's length grouping, and stage 1 and the control at half the
 base's lr with the token embeddings frozen, so that learning the thought does not unlearn reading. A rerun reuses
-each stage whose final checkpoint exists.
+each stage whose final checkpoint exists and resumes one cut short from its newest checkpoint.
 """
 import argparse
 import contextlib
@@ -72,10 +72,12 @@ import grpo  # noqa: E402
 import sft  # noqa: E402
 from plumbing.charts import svg_page  # noqa: E402
 from plumbing import tiny  # noqa: E402
+from plumbing.runs import step_dirs  # noqa: E402
 
 BATCH = 32  # sequences per optimizer step in every SFT part (ours)
 BASE_LEVELS = "400,1600"  # --study base: base c's steps (ours: the first study's 400, and 4x; README: why)
 PROMPTS, GROUP = 16, 8  # a GRPO step's prompts and samples per prompt (ours; B.2: 128 x 8)
+SAVE_EVERY = 200  # steps between a stage's checkpoints, what a killed study loses at most (ours)
 
 
 def parse_args(argv=None):
@@ -263,17 +265,21 @@ def control_steps(args):
 # ----------------------------------------------------------------------------------------------------
 # The stages: each one a call of the repository's own sft.py / grpo.py / evaluate.py
 
-def stage(name, out, run):
-    """Run `run(out)` unless out/final exists from an earlier run; report the minutes it took."""
+def stage(name, out, run, every=SAVE_EVERY):
+    """Run `run(out)` unless out/final exists from an earlier run; report the minutes it took. A stage cut short
+    (SIGTERM saves a step and returns; a killed one left the step_N it saved every `every` steps) resumes from its
+    newest step on the next call: a resumed run is the uninterrupted one (sft.py's and grpo.py's resume tests)."""
     if (out / "final" / "config.json").exists():
         print(f"miniature: {name}: reusing {out / 'final'}", file=sys.stderr)
         return out / "final"
-    start = time.time()
-    print(f"miniature: {name} ...", file=sys.stderr)
-    run(["--out", str(out), "--overwrite", "--save-every", "100000", "--keep", "1"])
-    if not (out / "final" / "config.json").exists():  # a stage stopped by SIGTERM saves a step and returns
-        raise SystemExit(f"miniature: {name} stopped before its end; run the same command again to redo it")
-    print(f"miniature: {name} took {(time.time() - start) / 60:.1f} min", file=sys.stderr)
+    start, saved = time.time(), step_dirs(out)
+    print(f"miniature: {name} ..." + (f" resuming from {saved[-1].name}" if saved else ""), file=sys.stderr)
+    run(["--out", str(out), *(["--resume", str(saved[-1])] if saved else ["--overwrite"]),
+         "--save-every", str(every), "--keep", "1"])
+    if not (out / "final" / "config.json").exists():
+        raise SystemExit(f"miniature: {name} stopped before its end; run the same command again to resume it")
+    print(f"miniature: {name} took {(time.time() - start) / 60:.1f} min" + (" (this part)" if saved else ""),
+          file=sys.stderr)
     return out / "final"
 
 
