@@ -116,11 +116,12 @@ def parse_args(argv=None):
     ap.add_argument("--align-lr", type=float, default=3e-3, help="AdamW learning rate of the vision alignment")
     ap.add_argument("--grpo-lr", type=float, default=1e-4, help="AdamW learning rate, GRPO")
     args = ap.parse_args(argv)
+    args.prompts, args.group = PROMPTS, GROUP
     if args.quick:  # every stage runs, nothing is learned to speak of
         args.digits, args.eval_items, args.hidden, args.layers, args.vision_hidden = 2, 16, 64, 2, 32
         args.lm_steps = args.align_steps = args.joint_steps = args.sft_steps = 3
         args.base_problems, args.sft_problems = 64, 64
-        args.grpo_steps = 2
+        args.grpo_steps, args.prompts, args.group = 2, 4, 4
     args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.study else "0")).split(",")]
     if args.study == "base":
         levels = args.levels or ("3,6" if args.quick else BASE_LEVELS)
@@ -222,7 +223,7 @@ def write_data(folder, args, seed):
     (folder / "images").mkdir(parents=True, exist_ok=True)
     test, val, base, xr, rl, control = problems(seed, args.digits, [args.eval_items, args.eval_items,
                                                                     args.base_problems, args.sft_problems,
-                                                                    PROMPTS * args.grpo_steps, args.sft_problems])
+                                                                    args.prompts * args.grpo_steps, args.sft_problems])
     rng = random.Random(seed)
 
     def picture(*terms):  # the sum, or one operand alone
@@ -259,7 +260,7 @@ def write_data(folder, args, seed):
 
 def control_steps(args):
     """The control's SFT steps: as many training sequences as stages 1 and 2 use together."""
-    return math.ceil((BATCH * args.sft_steps + PROMPTS * GROUP * args.grpo_steps) / BATCH)
+    return math.ceil((BATCH * args.sft_steps + args.prompts * args.group * args.grpo_steps) / BATCH)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,10 +416,10 @@ def post_train(args, seed, out, files, base, level):
     models = {"sft": stage("stage 1: SFT on worked thoughts, text only", out / "sft",
                            sft_stage(base, files["sft"], args.sft_steps, args.sft_lr, seed, frozen))}
     models["grpo"] = stage("stage 2: GRPO, text only", out / "grpo", lambda o: grpo.main(
-        ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", str(PROMPTS),
-         "--group-size", str(GROUP), "--max-new-tokens", str(thought_budget(args.digits) + 16),
+        ["--model", str(models["sft"]), "--data", str(files["rl"]), "--prompts-per-step", str(args.prompts),
+         "--group-size", str(args.group), "--max-new-tokens", str(thought_budget(args.digits) + 16),
          "--max-steps", str(args.grpo_steps), "--lr", str(args.grpo_lr), "--beta", "0", "--warmup", "0",
-         "--micro-batch", "32", "--gen-batch", str(PROMPTS * GROUP), "--reward-processes", "1", "--seed", str(seed),
+         "--micro-batch", "32", "--gen-batch", str(args.prompts * args.group), "--reward-processes", "1", "--seed", str(seed),
          "--freeze-layers", str(level), *o]))
     models["control"] = stage("control: the same budget of direct answers, text only", out / "control",
                               sft_stage(base, files["control"], control_steps(args), args.sft_lr, seed, frozen))
