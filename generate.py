@@ -70,8 +70,13 @@ def encode(processor, conversation):
 
 
 def encode_all(processor, conversations, limit):
-    """Step 1 for every chat, and each prompt's length; a prompt that fills the model's context is an error."""
-    encodings = [encode(processor, c) for c in conversations]
+    """Step 1 for every chat, and each prompt's length; a prompt that fills the model's context is an error. A chat
+    passed several times (GRPO's group: the same object) is encoded once and shared."""
+    once = {}
+    for c in conversations:
+        if id(c) not in once:
+            once[id(c)] = encode(processor, c)
+    encodings = [once[id(c)] for c in conversations]
     lengths = [e["input_ids"].shape[1] for e in encodings]
     for i, n in enumerate(lengths):
         if n >= limit:

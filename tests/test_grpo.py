@@ -130,6 +130,22 @@ def rollouts(model, processor, prompts, args, seeds):
                          answer_budget=args.answer_budget, gen_batch=args.gen_batch)
 
 
+def test_a_prompt_is_encoded_once_for_its_group_in_generation_and_once_in_training(model, processor, monkeypatch):
+    """A step's 8 samples of a prompt share its messages: the chat template runs once per prompt for generation and
+    once for the training passes (it was 2 x 8 times; a third of a toy step's CPU time), and every row's prompt
+    tokens are still the ones its own encoding gives."""
+    calls = []
+    encode = generate.encode
+    monkeypatch.setattr(generate, "encode", lambda proc, chat: calls.append(chat) or encode(proc, chat))
+    prompts = data.load_rl_data("toy")[:2]
+    rows = rollouts(model, processor, prompts, args_for("--group-size", "4", "--max-new-tokens", "4"), seeds=[1, 2])
+    assert len(rows) == 8 and len(calls) == 2
+    passes(processor, rows, args_for("--micro-batch", "4"))
+    assert len(calls) == 4
+    for r in rows:
+        assert torch.equal(r.encoding["input_ids"], encode(processor, r.messages)["input_ids"])
+
+
 def test_one_update_moves_probability_towards_rewarded_responses(model, processor):
     rows = rows_for(model, processor)
     args = args_for("--beta", "0")
