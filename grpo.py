@@ -213,10 +213,9 @@ def balanced_passes(lengths, world, micro_batch, mini_batches, balance=True):
 def training_passes(rows, processor, *, micro_batch, mini_batches, balance, rank, world):
     """This rank's part of steps 4-6: its mini-batches of micro-batches of Rollouts (balanced_passes). Balanced
     dealing moves rows between ranks: every rank receives every row of the step (their tokens: a few MB)."""
-    once = {}  # a group's rows share their prompt's messages (one object): each prompt is encoded once
-    for r in rows:
-        if r.encoding is None:
-            r.encoding = once[id(r.messages)] = once.get(id(r.messages)) or prompt_of(processor, r)
+    todo = [r for r in rows if r.encoding is None]  # a group's rows share one messages object: encoded once
+    for r, encoding in zip(todo, generate.encode_all(processor, [r.messages for r in todo], math.inf)[0]):
+        r.encoding = encoding
     if world > 1 and balance:
         everyone = [None] * world
         dist.all_gather_object(everyone, rows)
