@@ -190,11 +190,14 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("bad", ADVERSARIAL)
 def test_adversarial_inputs_return_quickly(bad):
-    start = time.monotonic()
-    assert math_reward(f"<answer>{bad}</answer>", "1") == 0.0
-    assert math_equal(bad, "2") is False
-    assert math_equal("3", bad) is False
-    assert time.monotonic() - start < 3 * (rewards.TIMEOUT + 0.5)
+    """Each call is bounded on its own: the deadline, plus restarting the helper it killed (as in the test below;
+    three calls under one 3 x (deadline + 0.5 s) bound failed at 7.58 s on a slow hour of a 2-core host)."""
+    for call, want in ((lambda: math_reward(f"<answer>{bad}</answer>", "1"), 0.0),
+                       (lambda: math_equal(bad, "2"), False), (lambda: math_equal("3", bad), False)):
+        start = time.monotonic()
+        got = call()
+        assert got == want and type(got) is type(want)
+        assert time.monotonic() - start < rewards.TIMEOUT + 3.0
 
 
 def test_long_hostile_prose_is_read_in_bounded_time():
