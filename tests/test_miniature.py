@@ -30,6 +30,17 @@ def test_reading_scores_the_restated_sum_and_each_operand():
     assert miniature.reading("", "4721+3856") == (False, False, False)
 
 
+def test_carrying_on_needs_the_restated_sum_and_the_line_read_off_it():
+    # 4721+3856: the units column is 1+6 = 7, no carry, so the next line drops each operand's last digit
+    assert miniature.carried_on(["4721+3856", " 472+385 c0 7 ", "47+38 c0 77"], "4721+3856")
+    assert miniature.carried_on(["4721+3856", "472+385 c0 7"], "4721+3856")
+    assert not miniature.carried_on(["4721+3856", "477+385 c0 7"], "4721+3856")  # a digit taken from elsewhere
+    assert not miniature.carried_on(["4721+3856", "472+385 c1 7"], "4721+3856")  # a carry where none is
+    assert not miniature.carried_on(["9278+3856", "927+385 c1 4"], "4721+3856")  # right step, wrong sum read
+    assert not miniature.carried_on(["4721+3856"], "4721+3856")  # the base's one-line thought
+    assert not miniature.carried_on([], "4721+3856")
+
+
 def test_problems_are_disjoint_and_the_test_split_does_not_move():
     test, train = miniature.problems(0, 4, [50, 500])
     assert not set(test) & set(train) and len(set(train)) == 500
@@ -197,8 +208,10 @@ def test_quick_runs_every_stage_and_writes_the_table(study):
         for split in ("val", "test"):
             for modality in ("text", "image"):
                 r = results[0][stage][split][modality]
-                assert all(0 <= r[k] <= 100 for k in ("accuracy", "thought", "read", "read_first", "read_second"))
+                assert all(0 <= r[k] <= 100 for k in ("accuracy", "thought", "read", "read_first", "read_second",
+                                                      "carried"))
                 assert r["read"] <= min(r["read_first"], r["read_second"]) and r["tokens"] > 0
+                assert r["carried"] <= r["read"]
                 where = seed / "eval" / stage / f"{split}-{modality}"
                 assert len((where / "custom.jsonl").read_text().splitlines()) == 16
                 assert json.loads((where / "custom.settings.json").read_text())["max_pixels"] == 0
@@ -317,14 +330,20 @@ def test_twin_similarity_is_one_for_a_text_twin_and_lower_for_another_item(study
 def test_base_study_chart_and_table_by_hand():
     """Two seeds at base c steps 400 and 1600, made up: the table opens with each level's tie, mean (min-max); the
     fourth panel puts each seed's image accuracy at its own base's twin similarity."""
-    def scores(acc, read=0.0, text=0.0):
-        return {"test": {"image": {"accuracy": acc, "read": read}, "text": {"accuracy": text}}}
+    def scores(acc, read=0.0, text=0.0, carried=0.0):
+        return {"test": {"image": {"accuracy": acc, "read": read, "carried": carried}, "text": {"accuracy": text}}}
     results = {seed: {level: {"tie": {"half_read": 90.0 + seed + level / 400, "twin_similarity": 0.1 * seed + level / 4000},
-                              "sft": scores(seed + level / 100), "grpo": scores(2.0 * seed), "control": scores(0.0)}
+                              "sft": scores(seed + level / 100, read=30.0 + seed, carried=level / 400),
+                              "grpo": scores(2.0 * seed), "control": scores(0.0)}
                       for level in (400, 1600)} for seed in (0, 1)}
     rows = miniature.study_table(results, [400, 1600], "test", "base").splitlines()
     assert rows[0].startswith("| base c steps | base's tie (validation): half-drawn sums read % | twin similarity |")
     assert rows[3].startswith("| 1600 | 94.5 (94.0-95.0) | 0.450 (0.400-0.500) | 16.5 (16.0-17.0) | 1.0 (0.0-2.0) |")
+    # each seed's bases: seed 1 at 1600 steps has half_read 90 + 1 + 4, similarity 0.1 + 0.4, stage 1 image accuracy
+    # 1 + 16, GRPO 2, control 0, stage 1 restating 31, carrying on 1600 / 400
+    seeds = miniature.tie_per_seed(results, [400, 1600]).splitlines()
+    assert seeds[0].endswith("| stage 1's image thoughts restating the sum % | ... and the next line right % |")
+    assert seeds[5] == "| 1 | 1600 | 95 | 0.500 | 17 | 2 | 0 | 31 | 4 |"
     svg = ET.fromstring(miniature.study_chart(results, [400, 1600], kind="base"))
     ns = "{http://www.w3.org/2000/svg}"
     dots = [(c.get("data-label"), float(c.get("data-x")), float(c.get("data-y"))) for c in svg.iter(ns + "circle")]
